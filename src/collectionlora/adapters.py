@@ -1,0 +1,175 @@
+"""LoRA adapters on ONE shared base: trainable ones (student, critic, a teacher in training) and
+frozen effect teachers, switched per forward pass.
+
+The reference keeps three copies of the base; we keep one transformer and name adapters on it.
+Teachers are lazy: a teacher is a memory-mapped safetensors file until it is activated, when its
+tensors are copied into a "slot" adapter shared by every teacher with the same per-module ranks.
+Host memory therefore does not grow with the number of teachers, and teachers may differ in rank,
+alpha and target modules (alpha/r is folded into B, so slots depend on ranks only).
+
+peft flips `requires_grad` on every `set_adapter` (only the active adapter becomes trainable);
+`activate` re-asserts the rule after each switch: trainable adapters keep their gradients,
+teacher slots never get any.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict
+
+from collectionlora import lorafile
+from collectionlora.errors import LoraFileError
+
+NONE = "none"
+
+
+@dataclass
+class _Teacher:
+    path: Path
+    lora: lorafile.LoraWeights
+    slot: str
+
+
+class AdapterSet:
+    """Named adapters on `transformer`; exactly one (or none = the base model) is active at a time."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+        self._trainable: dict[str, list[torch.nn.Parameter]] = {}
+        self._teachers: dict[str, _Teacher] = {}
+        self._slots: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._slot_content: dict[str, str] = {}
+        self._slot_by_signature: dict[str, str] = {}
+        self.active = NONE
+        self.switches = 0
+        self.loads = 0
+        self._base_shapes = lorafile.base_linear_shapes(transformer)
+
+    # ---- trainable adapters -------------------------------------------------------------------
+    def add_trainable(self, name: str, rank: int, alpha: float, targets: list[str], seed: int) -> list[torch.nn.Parameter]:
+        """A new LoRA (A random, B zero: starts as the base model), trainable, returned as a parameter list."""
+        self._check_new(name)
+        config = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.transformer.add_adapter(config, adapter_name=name)
+        self._trainable[name] = [p for n, p in self.transformer.named_parameters() if f".{name}." in n]
+        self._restore_grad_rule()
+        return self._trainable[name]
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        if name not in self._trainable:
+            raise KeyError(f"no trainable adapter named {name!r}")
+        return self._trainable[name]
+
+    def lora_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's weights with diffusers' module keys (no adapter name), for save_lora_weights."""
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer, adapter_name=name).items()}
+
+    def peft_config(self, name: str) -> dict:
+        return self.transformer.peft_config[name].to_dict()
+
+    def remove(self, name: str) -> None:
+        self.transformer.delete_adapters(name)
+        self._trainable.pop(name, None)
+        if self.active == name:
+            self.active = NONE
+        self._restore_grad_rule()
+
+    # ---- teachers -----------------------------------------------------------------------------
+    def add_teacher(self, name: str, path: Path) -> None:
+        """Register a teacher LoRA file; only its header is read now (shape-checked against the base)."""
+        self._check_new(name)
+        lora = lorafile.read_lora_header(Path(path), self._base_shapes)
+        signature = json.dumps(sorted(lora.ranks().items()))
+        slot = self._slot_by_signature.get(signature)
+        if slot is None:
+            slot = f"teacher_slot_{len(self._slot_by_signature)}"
+            self._create_slot(slot, lora)
+            self._slot_by_signature[signature] = slot
+        self._teachers[name] = _Teacher(Path(path), lora, slot)
+
+    def _create_slot(self, slot: str, lora: lorafile.LoraWeights) -> None:
+        ranks = lora.ranks()
+        default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        config = PeftLoraConfig(
+            r=default_rank,
+            lora_alpha=default_rank,
+            target_modules=sorted(ranks),
+            rank_pattern={re.escape(m): r for m, r in ranks.items() if r != default_rank},
+            alpha_pattern={re.escape(m): r for m, r in ranks.items() if r != default_rank},
+            lora_dropout=0.0,
+            bias="none",
+        )
+        self.transformer.add_adapter(config, adapter_name=slot)
+        params = {}
+        for full_name, param in self.transformer.named_parameters():
+            if f".{slot}." in full_name:
+                module, kind = full_name.split(f".{slot}.")[0].rsplit(".", 1)
+                params[f"{module}.{kind}"] = param
+        self._slots[slot] = params
+        self._restore_grad_rule()
+
+    def drop_teacher(self, name: str) -> None:
+        """Forget a registered teacher (its slot stays for teachers of the same shape)."""
+        teacher = self._teachers.pop(name)
+        if self._slot_content.get(teacher.slot) == name:
+            del self._slot_content[teacher.slot]
+        if self.active == name:
+            self.activate(NONE)
+
+    def teacher_names(self) -> list[str]:
+        return list(self._teachers)
+
+    # ---- switching ----------------------------------------------------------------------------
+    def activate(self, name: str) -> None:
+        """Make `name` the only active adapter; NONE runs the plain base model."""
+        if name == self.active:
+            return
+        self.switches += 1
+        if name == NONE:
+            self.transformer.disable_adapters()
+        else:
+            adapter = name
+            if name in self._teachers:
+                adapter = self._load_teacher(name)
+            elif name not in self._trainable:
+                raise KeyError(f"unknown adapter {name!r}; known: {sorted([*self._trainable, *self._teachers])}")
+            self.transformer.enable_adapters()
+            self.transformer.set_adapter(adapter)
+        self.active = name
+        self._restore_grad_rule()
+
+    def _load_teacher(self, name: str) -> str:
+        teacher = self._teachers[name]
+        if self._slot_content.get(teacher.slot) == name:
+            return teacher.slot
+        params = self._slots[teacher.slot]
+        with torch.no_grad():
+            for module, down, up in teacher.lora.pairs():
+                params[f"{module}.lora_A"].copy_(down)
+                params[f"{module}.lora_B"].copy_(up * teacher.lora.modules[module].scale)
+            missing = set(params) - {f"{m}.lora_{k}" for m in teacher.lora.ranks() for k in "AB"}
+            if missing:  # cannot happen for slots built from the same rank map; guard against drift
+                raise LoraFileError(f"{teacher.path}: teacher does not cover slot modules {sorted(missing)[:3]}")
+        self._slot_content[teacher.slot] = name
+        self.loads += 1
+        return teacher.slot
+
+    def _restore_grad_rule(self) -> None:
+        for params in self._trainable.values():
+            for p in params:
+                p.requires_grad_(True)
+        for params in self._slots.values():
+            for p in params.values():
+                p.requires_grad_(False)
+
+    def _check_new(self, name: str) -> None:
+        if name == NONE or name in self._trainable or name in self._teachers:
+            raise ValueError(f"adapter name {name!r} is reserved or already used")

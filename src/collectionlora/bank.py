@@ -1,0 +1,348 @@
+"""The effect bank: bank.yaml schema, loading with strict path rules, and content hashing.
+
+Paths in bank.yaml are relative to the bank root, the folder holding bank.yaml (several manifests
+may share one root). Loading checks structure (schema, paths, pair folders, no pickle files);
+image contents and LoRA files are checked by `validate`, and read here only when asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from collectionlora.errors import BankError
+from collectionlora.images import load_png
+from collectionlora.lorafile import PICKLE_SUFFIXES
+
+_PAIR_FILE = re.compile(r"^(?P<index>\d{4,})_(?P<role>source|result)\.png$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseSpec(_Strict):
+    """Exactly one of: `path` (a diffusers pipeline folder under the root) or `model` (hub id / absolute path)."""
+
+    path: str | None = None
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BaseSpec:
+        if (self.path is None) == (self.model is None):
+            raise ValueError("give exactly one of 'path' or 'model'")
+        return self
+
+
+class GeneralSpec(_Strict):
+    sources: str
+    instructions: str
+
+
+class EffectSpec(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9_]+$")
+    category: str = Field(min_length=1)
+    prompt: str
+    teacher: str
+    pairs: str
+
+
+class BankSpec(_Strict):
+    version: Literal[1]
+    name: str = Field(min_length=1)
+    base: BaseSpec
+    judge: str | None = None
+    general: GeneralSpec
+    eval: str
+    effects: list[EffectSpec] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Effect:
+    id: str
+    category: str
+    prompt: str
+    teacher: Path
+    pairs_dir: Path
+    pairs: tuple[tuple[Path, Path], ...]
+
+
+@dataclass(frozen=True)
+class Bank:
+    """A loaded bank: resolved paths (as root / relative path) and the images on demand."""
+
+    manifest: Path
+    root: Path
+    spec: BankSpec
+    image_size: int
+    base_dir: Path | None  # a local diffusers pipeline folder, when there is one
+    judge: Path | None
+    general_sources: tuple[Path, ...]
+    instructions_file: Path
+    instructions: tuple[str, ...]
+    eval_sources: tuple[Path, ...]
+    effects: tuple[Effect, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def effect(self, effect_id: str) -> Effect:
+        for effect in self.effects:
+            if effect.id == effect_id:
+                return effect
+        raise BankError(f"{self.manifest}: effects: no effect with id '{effect_id}'")
+
+    def load_pairs(self, effect: Effect) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sources, results), each [N, 3, S, S] in [0, 1]."""
+        sources = [load_png(source, self.image_size) for source, _ in effect.pairs]
+        results = [load_png(result, self.image_size) for _, result in effect.pairs]
+        return torch.stack(sources), torch.stack(results)
+
+    def load_general_sources(self) -> torch.Tensor:
+        return torch.stack([load_png(path, self.image_size) for path in self.general_sources])
+
+    def load_eval_sources(self) -> torch.Tensor:
+        return torch.stack([load_png(path, self.image_size) for path in self.eval_sources])
+
+    def relative(self, path: Path) -> str:
+        """The path as written relative to the root (posix), for manifests and hashes."""
+        return path.relative_to(self.root).as_posix()
+
+
+def load_bank(manifest_path: Path, image_size: int) -> Bank:
+    """Parse and structurally check a bank; every error is one line naming the file and field."""
+    manifest_path = Path(manifest_path)
+    root = manifest_path.parent
+    spec = _parse_spec(manifest_path)
+    refuse_pickle_files(root)
+    resolver = _Resolver(manifest_path, root)
+
+    seen: dict[str, int] = {}
+    effects = []
+    for i, item in enumerate(spec.effects):
+        if item.id in seen:
+            raise BankError(f"{manifest_path}: effects[{i}].id: duplicate effect id '{item.id}'")
+        seen[item.id] = i
+        if not item.prompt.strip():
+            raise BankError(f"{manifest_path}: effects[{i}].prompt: empty prompt")
+        teacher = resolver.file(f"effects[{i}].teacher", item.teacher)
+        pairs_dir = resolver.folder(f"effects[{i}].pairs", item.pairs)
+        effects.append(
+            Effect(item.id, item.category, item.prompt, teacher, pairs_dir, _pair_files(resolver, pairs_dir))
+        )
+
+    if spec.base.path is not None:
+        base_dir: Path | None = resolver.folder("base.path", spec.base.path)
+    else:
+        model = Path(spec.base.model)
+        base_dir = model if model.is_absolute() and model.is_dir() else None
+
+    instructions_file = resolver.file("general.instructions", spec.general.instructions)
+    return Bank(
+        manifest=manifest_path,
+        root=root,
+        spec=spec,
+        image_size=image_size,
+        base_dir=base_dir,
+        judge=None if spec.judge is None else resolver.folder("judge", spec.judge),
+        general_sources=_png_files(resolver, resolver.folder("general.sources", spec.general.sources)),
+        instructions_file=instructions_file,
+        instructions=_read_instructions(instructions_file),
+        eval_sources=_png_files(resolver, resolver.folder("eval", spec.eval)),
+        effects=tuple(effects),
+    )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_spec(manifest_path: Path) -> BankSpec:
+    try:
+        data = manifest_path.read_bytes()
+    except OSError as error:
+        raise BankError(f"{manifest_path}: cannot read ({error.strerror})") from error
+    text = decode_utf8(manifest_path, data)
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise BankError(f"{manifest_path}: {where}invalid YAML ({' '.join(str(problem).split())})") from error
+    if not isinstance(raw, dict):
+        raise BankError(f"{manifest_path}: expected a mapping at the top level")
+    try:
+        return BankSpec.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = _field_path(first["loc"])
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "missing":
+            message = "missing key"
+        else:
+            message = first["msg"]
+        raise BankError(f"{manifest_path}: {field or '<top>'}: {message}") from error
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def decode_utf8(path: Path, data: bytes) -> str:
+    """Decode strictly, naming the line and byte of the first invalid sequence."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise BankError(f"{path}: not valid UTF-8 (line {line}, byte {error.start})") from error
+
+
+class _Resolver:
+    """Resolve manifest paths: relative, no '..', inside the root after symlinks, existing."""
+
+    def __init__(self, manifest: Path, root: Path):
+        self.manifest = manifest
+        self.root = root
+        self.real_root = root.resolve()
+
+    def _resolve(self, field: str, value: str) -> Path:
+        if not value:
+            raise BankError(f"{self.manifest}: {field}: empty path")
+        relative = Path(value)
+        if relative.is_absolute():
+            raise BankError(
+                f"{self.manifest}: {field}: absolute path '{value}' not allowed; paths are relative to the bank root"
+            )
+        if ".." in relative.parts:
+            raise BankError(f"{self.manifest}: {field}: path '{value}' escapes the bank root ('..')")
+        path = self.root / relative
+        self.inside(path, f"{self.manifest}: {field}: path '{value}'")
+        return path
+
+    def inside(self, path: Path, where: str) -> None:
+        """A symlink anywhere along the path must not lead outside the root."""
+        if not path.resolve().is_relative_to(self.real_root):
+            raise BankError(f"{where} escapes the bank root (resolves to {path.resolve()})")
+
+    def file(self, field: str, value: str) -> Path:
+        path = self._resolve(field, value)
+        if not path.is_file():
+            raise BankError(f"{self.manifest}: {field}: missing file {path}")
+        return path
+
+    def folder(self, field: str, value: str) -> Path:
+        path = self._resolve(field, value)
+        if not path.is_dir():
+            raise BankError(f"{self.manifest}: {field}: missing folder {path}")
+        return path
+
+
+def _pair_files(resolver: _Resolver, folder: Path) -> tuple[tuple[Path, Path], ...]:
+    """NNNN_source.png + NNNN_result.png, matched one to one; anything else in the folder is an error."""
+    found: dict[str, dict[str, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        match = _PAIR_FILE.match(path.name)
+        if match is None or not path.is_file():
+            raise BankError(f"{path}: unexpected entry in a pairs folder (expected NNNN_source.png / NNNN_result.png)")
+        resolver.inside(path, f"{path}: file")
+        found.setdefault(match["index"], {})[match["role"]] = path
+    if not found:
+        raise BankError(f"{folder}: no pairs (expected NNNN_source.png + NNNN_result.png)")
+    pairs = []
+    for index in sorted(found, key=int):
+        roles = found[index]
+        for role, other in (("source", "result"), ("result", "source")):
+            if role not in roles:
+                raise BankError(f"{roles[other]}: unmatched pair file (no {index}_{role}.png)")
+        pairs.append((roles["source"], roles["result"]))
+    return tuple(pairs)
+
+
+def read_pair_folder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user's folder of pairs outside any bank, checked like a bank's: (sources, results) [N, 3, S, S]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BankError(f"{folder}: not a folder of pairs")
+    refuse_pickle_files(folder)
+    pairs = _pair_files(_Resolver(folder, folder), folder)
+    sources = torch.stack([load_png(source, image_size) for source, _ in pairs])
+    return sources, torch.stack([load_png(result, image_size) for _, result in pairs])
+
+
+def _png_files(resolver: _Resolver, folder: Path) -> tuple[Path, ...]:
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix != ".png" or not path.is_file():
+            raise BankError(f"{path}: unexpected entry in an image folder (expected *.png files)")
+        resolver.inside(path, f"{path}: file")
+        files.append(path)
+    if not files:
+        raise BankError(f"{folder}: no PNG images")
+    return tuple(files)
+
+
+def _read_instructions(path: Path) -> tuple[str, ...]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BankError(f"{path}: cannot read ({error.strerror})") from error
+    lines = tuple(line.strip() for line in decode_utf8(path, data).splitlines() if line.strip())
+    if not lines:
+        raise BankError(f"{path}: no instructions (one per line expected)")
+    return lines
+
+
+def refuse_pickle_files(root: Path) -> None:
+    """Pickle files can run code when loaded; none may sit anywhere in the bank."""
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in PICKLE_SUFFIXES:
+                raise BankError(f"{Path(folder) / name}: pickle files are refused; convert to safetensors")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise BankError(f"{path}: cannot read ({error.strerror})") from error
+    return digest.hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, keyed by posix path relative to it, in sorted order."""
+    hashes = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            hashes[path.relative_to(root).as_posix()] = file_sha256(path)
+    return dict(sorted(hashes.items()))

@@ -1,0 +1,155 @@
+"""The `collectionlora` command line: one command per stage plus the demo-bank and teacher tools.
+
+Every command reads params.yaml (`--params`), accepts `--set section.key=value` overrides, and
+turns a project error into one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+# Nothing may reach the network at run time: no hub downloads, no telemetry.
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+from collectionlora.config import Params, load_params  # noqa: E402
+from collectionlora.errors import CollectionLoraError  # noqa: E402
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+effects_app = typer.Typer(help="The procedural effect catalog.", no_args_is_help=True)
+bank_app = typer.Typer(help="The embedded demo effect bank.", no_args_is_help=True)
+teachers_app = typer.Typer(help="Effect-teacher LoRAs.", no_args_is_help=True)
+app.add_typer(effects_app, name="effects")
+app.add_typer(bank_app, name="demo-bank")
+app.add_typer(teachers_app, name="teachers")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
+SetOption = Annotated[list[str], typer.Option("--set", "-S", help="Override a value: section.key=value (YAML value).")]
+
+
+def one_line_errors(command: Callable) -> Callable:
+    """Project errors become one line on stderr and exit 1; nothing else is swallowed."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CollectionLoraError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def params_from(path: Path, sets: list[str] | None) -> Params:
+    overrides: dict = {}
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set {item!r}: expected section.key=value")
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return load_params(path, overrides)
+
+
+@effects_app.command("list")
+def effects_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON records.")] = False) -> None:
+    """List the catalog: id, category, stochastic or not, teacher prompt."""
+    from collectionlora.effects import catalog_records
+
+    records = catalog_records()
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        kind = "stochastic" if r["stochastic"] else "deterministic"
+        typer.echo(f"{r['id']:<28} {r['category']:<10} {kind:<13} {r['prompt']}")
+
+
+@bank_app.command("build")
+@one_line_errors
+def demo_bank_build(
+    out: Annotated[Path, typer.Option(help="Bank folder to (re)build.")] = Path("data"),
+    max_effects: Annotated[int | None, typer.Option(help="Stop after this many effects pass (default: largest bank size).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Build the demo bank deterministically: tiny base, judge, teachers, pairs, manifests. Resumable."""
+    from collectionlora.demo_bank import build_demo_bank
+
+    verdicts = build_demo_bank(params_from(params, set_), out, max_effects)
+    left_out = [v.id for v in verdicts if not v.passed]
+    typer.echo(f"{sum(v.passed for v in verdicts)} effects passed; left out: {', '.join(left_out) or 'none'}")
+
+
+@teachers_app.command("train")
+@one_line_errors
+def teachers_train(
+    pairs: Annotated[Path, typer.Option(help="Folder of NNNN_source.png / NNNN_result.png pairs.")],
+    prompt: Annotated[str, typer.Option(help="The effect's teacher prompt.")],
+    out: Annotated[Path, typer.Option(help="Output folder for the LoRA and adapter_config.json.")],
+    base: Annotated[Path | None, typer.Option(help="Base pipeline folder (default: base.path).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Train one effect LoRA from (source, result) pairs by flow matching (rank, steps, lr from params)."""
+    from collectionlora.stages import run_teacher_train
+
+    weights = run_teacher_train(params_from(params, set_), pairs, prompt, out, base)
+    typer.echo(f"wrote {weights}")
+
+
+@app.command("validate")
+@one_line_errors
+def validate(
+    out: Annotated[Path, typer.Option(help="Folder for manifest.json.")] = Path("artifacts/bank"),
+    dvc_file: Annotated[Path, typer.Option(help="The .dvc file tracking the bank.")] = Path("data.dvc"),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Check every file of the bank and record content hashes in manifest.json (nothing written on error)."""
+    from collectionlora.stages import run_validate
+
+    manifest = run_validate(params_from(params, set_).bank, out, dvc_file if dvc_file.exists() else None)
+    typer.echo(f"bank {manifest['bank']['name']}: {len(manifest['effects'])} effects valid -> {out / 'manifest.json'}")
+
+
+@app.command("preview")
+@one_line_errors
+def preview(
+    out: Annotated[Path | None, typer.Option(help="Grid PNG (default: demo.out).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Run each teacher on eval sources and write a grid: source | teacher | ground truth per effect."""
+    from collectionlora.stages import run_preview
+
+    loaded = params_from(params, set_)
+    typer.echo(f"wrote {run_preview(loaded, out or loaded.demo.out)}")
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app(prog_name="collectionlora")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Typed sections of params.yaml: the only place tunable values live.
+
+Every field is required, so a value missing from params.yaml is an error naming the field, never
+a silent default hidden in code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from collectionlora.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyArchitecture(Section):
+    num_layers: int = Field(ge=1)
+    attention_head_dim: int = Field(ge=4)
+    num_attention_heads: int = Field(ge=1)
+    joint_attention_dim: int = Field(ge=4)
+    axes_dims_rope: tuple[int, int, int]
+    vae_factor: int = Field(ge=1)
+    text_hidden_size: int = Field(ge=4)
+    text_layers: int = Field(ge=1)
+    text_heads: int = Field(ge=1)
+    vocab_size: int = Field(ge=300)
+
+    @field_validator("axes_dims_rope")
+    @classmethod
+    def _rope_covers_head(cls, value: tuple[int, int, int], info) -> tuple[int, int, int]:
+        head = info.data.get("attention_head_dim")
+        if head is not None and sum(value) != head:
+            raise ValueError(f"must sum to attention_head_dim={head}, got {sum(value)}")
+        return value
+
+
+class BaseConfig(Section):
+    model: str
+    path: Path
+    pipeline: Literal["QwenImageEditPlusPipeline", "QwenImageEditPipeline"]
+    device: str
+    dtype: Literal["float32", "bfloat16", "float16"]
+    resolution: int = Field(ge=16)
+    threads: int = Field(ge=1)
+    tiny: TinyArchitecture
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.model == "embedded"
+
+
+class SamplingConfig(Section):
+    shift: float = Field(gt=0)
+    negative_prompt: str
+    teacher_steps: int = Field(ge=1)
+    teacher_cfg_scale: float = Field(ge=1.0)
+    teacher_cfg_norm: bool
+    student_timesteps: list[float] = Field(min_length=1)
+    truncate_timesteps: bool
+
+    @field_validator("student_timesteps")
+    @classmethod
+    def _decreasing_in_range(cls, value: list[float]) -> list[float]:
+        if any(not 0 < t <= 1000 for t in value):
+            raise ValueError("timesteps must lie in (0, 1000]")
+        if any(a <= b for a, b in zip(value, value[1:])):
+            raise ValueError("timesteps must be strictly decreasing")
+        return value
+
+
+class LoraConfig(Section):
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    targets: list[str] = Field(min_length=1)
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    prompt_dropout: float = Field(ge=0, le=1)
+    save_dtype: Literal["float32", "bfloat16", "float16"]
+    seed: int
+
+
+class JudgeConfig(Section):
+    width: int = Field(ge=4)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    lr: float = Field(gt=0)
+    procedural_per_effect: int = Field(ge=0)
+    holdout_per_effect: int = Field(ge=1)
+    seed: int
+
+
+class DemoBankConfig(Section):
+    seed: int
+    size: str
+    sizes: dict[str, int]
+    pairs_per_effect: int = Field(ge=2)
+    general_sources: int = Field(ge=1)
+    eval_sources: int = Field(ge=1)
+    base_steps: int = Field(ge=0)
+    base_lr: float = Field(gt=0)
+    base_batch_size: int = Field(ge=1)
+    teacher_check_steps: int = Field(ge=1)
+    teacher_check_cfg_scale: float = Field(ge=1.0)
+    teacher_pass_rate: float = Field(ge=0, le=1)
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, value: str, info) -> str:
+        sizes = info.data.get("sizes")
+        if sizes is not None and value not in sizes:
+            raise ValueError(f"must be one of {sorted(sizes)}, got {value!r}")
+        return value
+
+
+class BankConfig(Section):
+    root: Path
+    manifest: Path
+    image_size: int = Field(ge=8)
+    min_pairs: int = Field(ge=1)
+
+
+class DemoConfig(Section):
+    eval_images: int = Field(ge=1)
+    out: Path
+
+
+class Params(Section):
+    base: BaseConfig
+    sampling: SamplingConfig
+    lora: LoraConfig
+    judge: JudgeConfig
+    demo_bank: DemoBankConfig
+    bank: BankConfig
+    demo: DemoConfig
+
+
+def load_params(path: Path | str = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` is a nested dict merged on top (tests, CLI -S)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read params ({error})") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    if overrides:
+        raw = merge(raw, overrides)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {field}: {first['msg']}") from error
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge: values of `extra` win, nested mappings merge."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,211 @@
+"""Build the embedded demo effect bank (`data/`) deterministically from params.yaml.
+
+Steps: fit the tiny pipeline's tokenizer on the instructions, pretrain the tiny base on general
+edits, train an effect judge on procedural ground truth, then for each catalog effect make ~24
+pairs, train its teacher LoRA and keep it only if the judge recognises the teacher's edits on
+held-out sources. Two manifests share one tree: `bank.yaml` (default size) and `bank-<n>.yaml`.
+
+The build takes about an hour on 2 CPU cores for 50 effects, so it resumes: finished parts
+(base, judge, each effect's verdict) are kept in the staging folder and skipped on a rerun.
+The finished tree replaces `out` in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from collectionlora.adapters import NONE as NONE_ADAPTER
+from collectionlora.adapters import AdapterSet
+from collectionlora.base_pretrain import general_instructions, pretrain_base
+from collectionlora.config import Params
+from collectionlora.effects import catalog, make_sources
+from collectionlora.effects.base import stable_seed
+from collectionlora.evaluate.fidelity import psnr
+from collectionlora.evaluate.judge import NONE, EffectJudge, procedural_examples, train_judge
+from collectionlora.images import quantize, save_png
+from collectionlora.models.backbone import Backbone
+from collectionlora.models.tiny import build_tiny_pipeline
+from collectionlora.sampling import sample_teacher
+from collectionlora.teachers import LORA_WEIGHTS, save_teacher, train_teacher
+
+BASE_POOL = 512  # general-split sources the base is pretrained on
+
+
+@dataclass
+class EffectVerdict:
+    id: str
+    category: str
+    stochastic: bool
+    judge_rate: float          # share of the teacher's held-out edits the judge names correctly
+    psnr_to_truth: float | None  # teacher output vs procedural ground truth (deterministic effects)
+    passed: bool
+
+
+def build_demo_bank(params: Params, out: Path, max_effects: int | None = None) -> list[EffectVerdict]:
+    """Build (or resume building) the demo bank into `out`; returns every effect's verdict."""
+    config = params.demo_bank
+    target = max_effects or max(config.sizes.values())
+    staging = out.with_name(out.name + ".build")
+    staging.mkdir(parents=True, exist_ok=True)
+    backbone = _base(params, staging / "base")
+    judge = _judge(params, staging / "judge")
+    verdicts = _effects(params, backbone, judge, staging, target)
+    passed = [v for v in verdicts if v.passed]
+    if len(passed) < target:
+        raise RuntimeError(
+            f"only {len(passed)} of {len(verdicts)} catalog effects passed the judge ({target} needed); "
+            "extend the catalog or raise lora.steps"
+        )
+    _write_sources(params, staging)
+    _write_manifests(params, staging, passed[:target])
+    (staging / "build_report.json").write_text(
+        json.dumps([asdict(v) for v in verdicts], indent=2) + "\n", encoding="utf-8"
+    )
+    for leftover in staging.glob("effects/*"):
+        if not (leftover / "teacher" / LORA_WEIGHTS).is_file():
+            shutil.rmtree(leftover)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return verdicts
+
+
+def _base(params: Params, folder: Path) -> Backbone:
+    if not (folder / "model_index.json").is_file():
+        config = params.demo_bank
+        corpus = [e.prompt for e in catalog().values()] + general_instructions()
+        pipe = build_tiny_pipeline(params.base.tiny, corpus, config.seed)
+        backbone = Backbone(pipe, params.base, embedded=True)
+        pretrain_base(backbone, config.base_steps, config.base_lr, config.base_batch_size, BASE_POOL, config.seed)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        pipe.save_pretrained(partial)
+        os.replace(partial, folder)
+    return Backbone.load(params.base, folder)
+
+
+def _judge(params: Params, folder: Path) -> EffectJudge:
+    if not (folder / "judge.json").is_file():
+        config = params.judge
+        examples = procedural_examples(list(catalog()), config.procedural_per_effect, params.base.resolution, config.seed)
+        judge = train_judge(examples, config, [NONE, *catalog()])
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        judge.save(partial)
+        os.replace(partial, folder)
+    return EffectJudge.load(folder)
+
+
+def _effects(params: Params, backbone: Backbone, judge: EffectJudge, staging: Path, target: int) -> list[EffectVerdict]:
+    config = params.demo_bank
+    adapters = AdapterSet(backbone.transformer)
+    size = params.base.resolution
+    check_sources = make_sources("eval", config.eval_sources, size, config.seed)
+    verdicts: list[EffectVerdict] = []
+    progress = tqdm(catalog().values(), desc="demo-bank teachers", unit="effect")
+    for effect in progress:
+        if sum(v.passed for v in verdicts) >= target:
+            break
+        folder = staging / "effects" / effect.id
+        verdict_file = folder / "verdict.json"
+        if verdict_file.is_file():
+            verdicts.append(EffectVerdict(**json.loads(verdict_file.read_text(encoding="utf-8"))))
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        sources = make_sources("train", config.pairs_per_effect, size, stable_seed("pairs", config.seed, effect.id))
+        results = quantize(effect.apply(sources, stable_seed("pair-effect", config.seed, effect.id)))
+        verdict = _train_and_check(params, backbone, adapters, judge, effect, sources, results, check_sources, folder)
+        verdicts.append(verdict)
+        progress.set_postfix(effect=effect.id, rate=f"{verdict.judge_rate:.2f}", refresh=False)
+    return verdicts
+
+
+def _train_and_check(params, backbone, adapters, judge, effect, sources, results, check_sources, folder) -> EffectVerdict:
+    """Train one teacher and judge its edits of held-out sources; write it only if it passes."""
+    config = params.demo_bank
+    weights, peft_config, _ = train_teacher(
+        backbone, adapters, sources, results, effect.prompt, params.lora, params.sampling, effect.id
+    )
+    teacher_file = save_teacher(weights, peft_config, folder / "teacher.partial", params.lora.save_dtype)
+    adapters.add_teacher(effect.id, teacher_file)  # the check runs the saved (save_dtype) weights
+    adapters.activate(effect.id)
+    seeds = [stable_seed("check", config.seed, effect.id, i) for i in range(len(check_sources))]
+    edited = sample_teacher(
+        backbone, check_sources, [effect.prompt] * len(check_sources), seeds, params.sampling,
+        steps=config.teacher_check_steps, cfg_scale=config.teacher_check_cfg_scale,
+    ).images
+    adapters.activate(NONE_ADAPTER)
+    adapters.drop_teacher(effect.id)
+    rate = sum(p == effect.id for p in judge.predict(check_sources, edited)) / len(check_sources)
+    truth = None if effect.stochastic else effect.apply(check_sources, 0)
+    verdict = EffectVerdict(
+        effect.id, effect.category, effect.stochastic, rate,
+        None if truth is None else round(float(psnr(edited, truth).mean()), 2),
+        rate >= config.teacher_pass_rate,
+    )
+    if verdict.passed:
+        os.replace(teacher_file.parent, folder / "teacher")
+        for i, (source, result) in enumerate(zip(sources, results)):
+            save_png(source, folder / "pairs" / f"{i:04d}_source.png")
+            save_png(result, folder / "pairs" / f"{i:04d}_result.png")
+    else:
+        shutil.rmtree(teacher_file.parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "verdict.json").write_text(json.dumps(asdict(verdict)) + "\n", encoding="utf-8")
+    return verdict
+
+
+def _write_sources(params: Params, staging: Path) -> None:
+    config, size = params.demo_bank, params.base.resolution
+    for name, split, count in (("general/sources", "general", config.general_sources), ("eval", "eval", config.eval_sources)):
+        shutil.rmtree(staging / name, ignore_errors=True)
+        for i, image in enumerate(make_sources(split, count, size, config.seed)):
+            save_png(image, staging / name / f"{i:04d}.png")
+    (staging / "general" / "instructions.txt").write_text("\n".join(general_instructions()) + "\n", encoding="utf-8")
+
+
+def _write_manifests(params: Params, staging: Path, passed: list[EffectVerdict]) -> None:
+    """bank.yaml for the default size, bank-<n>.yaml for each other size; all share one tree."""
+    effects = catalog()
+    for name, count in params.demo_bank.sizes.items():
+        chosen = _diverse(passed, count)
+        manifest = {
+            "version": 1,
+            "name": f"demo-{name}",
+            "base": {"path": "base"},
+            "judge": "judge",
+            "general": {"sources": "general/sources", "instructions": "general/instructions.txt"},
+            "eval": "eval",
+            "effects": [
+                {
+                    "id": v.id,
+                    "category": v.category,
+                    "prompt": effects[v.id].prompt,
+                    "teacher": f"effects/{v.id}/teacher/{LORA_WEIGHTS}",
+                    "pairs": f"effects/{v.id}/pairs",
+                }
+                for v in chosen
+            ],
+        }
+        filename = "bank.yaml" if name == "default" else f"bank-{count}.yaml"
+        (staging / filename).write_text(yaml.safe_dump(manifest, sort_keys=False, width=120), encoding="utf-8")
+
+
+def _diverse(passed: list[EffectVerdict], count: int) -> list[EffectVerdict]:
+    """`count` effects, taking categories round-robin in catalog order so a small bank is varied."""
+    by_category: dict[str, list[EffectVerdict]] = {}
+    for verdict in passed:
+        by_category.setdefault(verdict.category, []).append(verdict)
+    chosen: list[EffectVerdict] = []
+    while len(chosen) < min(count, len(passed)):
+        for queue in by_category.values():
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen

@@ -1,0 +1,17 @@
+"""The project's error types: each carries a one-line message naming the file and field at fault."""
+
+
+class CollectionLoraError(Exception):
+    """Base class; the CLI prints the message on one line and exits non-zero."""
+
+
+class ConfigError(CollectionLoraError):
+    """params.yaml (or another config file) is invalid."""
+
+
+class BankError(CollectionLoraError):
+    """The effect bank (bank.yaml, images, LoRA files) is invalid."""
+
+
+class LoraFileError(BankError):
+    """A LoRA file cannot be used: not safetensors, truncated, bad keys or shapes, non-finite values."""

@@ -1,0 +1,1 @@
+"""Evaluation of edits: the effect judge."""

@@ -1,0 +1,63 @@
+"""Image I/O and conversions. Images are float32 tensors in [0, 1], shaped [3, H, W] or [B, 3, H, W]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from collectionlora.errors import BankError
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A [3, H, W] tensor in [0, 1] as an RGB PIL image."""
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round()
+    return Image.fromarray(array.astype(np.uint8), mode="RGB")
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a [3, H, W] float tensor in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def quantize(image: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels, so that an in-memory image equals what its PNG will reload as."""
+    return (image.clamp(0, 1) * 255.0).round() / 255.0
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image).save(path, format="PNG")
+
+
+def load_png(path: Path, size: int | None = None) -> torch.Tensor:
+    """Load an RGB PNG strictly: a corrupt file or a wrong mode or size is a BankError naming the file."""
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            if handle.format != "PNG":
+                raise BankError(f"{path}: expected a PNG image, got {handle.format}")
+            if handle.mode != "RGB":
+                raise BankError(f"{path}: expected mode RGB, got {handle.mode}")
+            if size is not None and handle.size != (size, size):
+                raise BankError(f"{path}: expected size {size}x{size}, got {handle.size[0]}x{handle.size[1]}")
+            return from_pil(handle)
+    except BankError:
+        raise
+    except (OSError, ValueError, SyntaxError) as error:
+        raise BankError(f"{path}: unreadable image ({error})") from error
+
+
+def grid(rows: list[list[torch.Tensor]], pad: int = 2) -> torch.Tensor:
+    """Tile equally sized [3, H, W] images row by row with a white gap."""
+    height, width = rows[0][0].shape[-2:]
+    columns = max(len(r) for r in rows)
+    canvas = torch.ones(3, len(rows) * (height + pad) + pad, columns * (width + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = pad + i * (height + pad), pad + j * (width + pad)
+            canvas[:, top : top + height, left : left + width] = image.clamp(0, 1)
+    return canvas

@@ -1,0 +1,495 @@
+"""LoRA files: safetensors only, every known key layout normalised to one form, checked against the base.
+
+Canonical form: module path relative to the transformer (`transformer_blocks.0.attn.to_q`) ->
+A [r, in], B [out, r] and alpha (effective scale alpha/r). Reading a file parses its header only;
+tensors stay in the memory-mapped file until asked for, so host memory does not grow with the
+number of teachers. Every tensor read is checked for NaN/inf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import peft
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from collectionlora.errors import BankError, LoraFileError
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+WriteLayout = Literal["diffusers", "peft", "kohya"]
+
+# Where diffusers keeps a LoRA's peft config inside the safetensors header (`save_lora_weights`).
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Key prefix -> layout name; longest first so `model.base_model.model.` wins over `base_model.model.`.
+_PREFIXES = (
+    ("model.base_model.model.", "peft"),
+    ("base_model.model.", "peft"),
+    ("transformer.", "diffusers"),
+    ("diffusion_model.", "comfyui"),
+    ("lora_unet_", "kohya"),
+)
+_KEY = re.compile(
+    r"^(?P<module>.+?)\."
+    r"(?:(?P<role>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight|(?P<alpha>alpha))$"
+)
+_DOWN = {"lora_A", "lora_down"}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted Linear: where its tensors live in the source and what they look like."""
+
+    rank: int
+    in_features: int
+    out_features: int
+    alpha: float
+    a_key: str
+    b_key: str
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraWeights:
+    """A LoRA in canonical form. Tensors come from the memory-mapped file (or memory) on demand."""
+
+    def __init__(
+        self,
+        source: str,
+        layout: str,
+        modules: dict[str, LoraModule],
+        tensors: dict[str, torch.Tensor] | None,
+    ):
+        self.source = source
+        self.layout = layout
+        self.modules = dict(sorted(modules.items()))
+        self._tensors = tensors
+
+    @classmethod
+    def from_tensors(cls, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]) -> LoraWeights:
+        """In-memory weights (module -> (A, B, alpha or None meaning alpha = rank)), e.g. freshly trained."""
+        tensors: dict[str, torch.Tensor] = {}
+        entries: dict[str, LoraModule] = {}
+        for name, (down, up, alpha) in modules.items():
+            a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+            _check_pair("<memory>", a_key, tuple(down.shape), b_key, tuple(up.shape))
+            rank = down.shape[0]
+            tensors[a_key], tensors[b_key] = down.detach(), up.detach()
+            entries[name] = LoraModule(
+                rank, down.shape[1], up.shape[0], float(rank if alpha is None else alpha), a_key, b_key
+            )
+        weights = cls("<memory>", "memory", entries, tensors)
+        weights.check_values()
+        return weights
+
+    def ranks(self) -> dict[str, int]:
+        return {name: m.rank for name, m in self.modules.items()}
+
+    def alphas(self) -> dict[str, float]:
+        return {name: m.alpha for name, m in self.modules.items()}
+
+    def pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one module, read from the file now."""
+        entry = self.modules[module]
+        tensors = self._read([entry.a_key, entry.b_key])
+        return tensors[entry.a_key], tensors[entry.b_key]
+
+    def pairs(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(module, A, B) for every module, one module in memory at a time."""
+        if self._tensors is not None:
+            for name, entry in self.modules.items():
+                yield name, self._tensors[entry.a_key], self._tensors[entry.b_key]
+            return
+        try:
+            with safe_open(self.source, framework="pt") as handle:
+                for name, entry in self.modules.items():
+                    yield name, self._checked(entry.a_key, handle), self._checked(entry.b_key, handle)
+        except (SafetensorError, OSError) as error:
+            raise LoraFileError(f"{self.source}: cannot read tensors ({_one_line(error)})") from error
+
+    def check_values(self) -> None:
+        """Read every tensor once (one module at a time), so that NaN/inf fail now rather than mid-training."""
+        for _ in self.pairs():
+            pass
+
+    def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self._tensors is not None:
+            return {key: self._tensors[key] for key in keys}
+        try:
+            with safe_open(self.source, framework="pt") as handle:
+                return {key: self._checked(key, handle) for key in keys}
+        except (SafetensorError, OSError) as error:
+            raise LoraFileError(f"{self.source}: cannot read tensors ({_one_line(error)})") from error
+
+    def _checked(self, key: str, handle) -> torch.Tensor:
+        tensor = handle.get_tensor(key)
+        if not torch.isfinite(tensor).all():
+            raise LoraFileError(f"{self.source}: tensor {key}: contains non-finite values (NaN or inf)")
+        return tensor
+
+
+def refuse_pickle(path: Path) -> None:
+    """Pickle files can run code when loaded: refuse them by suffix and by their first bytes."""
+    message = f"{path}: pickle files are refused; convert to safetensors"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFileError(message)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError as error:
+        raise LoraFileError(f"{path}: cannot read ({_one_line(error)})") from error
+    # Pickle protocol >= 2 starts with PROTO (0x80, version); torch.save writes a zip ("PK").
+    if (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head == b"PK":
+        raise LoraFileError(message + " (the content is a pickle/zip archive)")
+
+
+def read_lora(path: Path, base_shapes: dict[str, tuple[int, int]] | None) -> LoraWeights:
+    """Read, normalise and fully check a LoRA file (every tensor is read once for NaN/inf)."""
+    weights = read_lora_header(path, base_shapes)
+    weights.check_values()
+    return weights
+
+
+def read_lora_header(path: Path, base_shapes: dict[str, tuple[int, int]] | None) -> LoraWeights:
+    """Normalise keys and check shapes from the header alone; tensor values are checked when read.
+
+    `base_shapes` (module -> (out, in)) enables the shape check against the base and is required to
+    resolve kohya's underscore module names.
+    """
+    path = Path(path)
+    refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            metadata = handle.metadata() or {}
+            alphas = {key: handle.get_tensor(key) for key in shapes if key.endswith(".alpha")}
+    except (SafetensorError, OSError) as error:
+        raise LoraFileError(f"{path}: not a valid safetensors file ({_one_line(error)})") from error
+    if not shapes:
+        raise LoraFileError(f"{path}: contains no tensors")
+
+    layout, grouped = _group_keys(path, shapes, base_shapes)
+    config = _peft_config_source(path, metadata)
+    modules: dict[str, LoraModule] = {}
+    for module, roles in grouped.items():
+        if "down" not in roles or "up" not in roles:
+            some_key = next(iter(roles.values()))
+            missing = "up" if "down" in roles else "down"
+            raise LoraFileError(f"{path}: tensor {some_key}: module {module} lacks its {missing} matrix")
+        a_key, b_key = roles["down"], roles["up"]
+        _check_pair(str(path), a_key, shapes[a_key], b_key, shapes[b_key])
+        rank, in_features = shapes[a_key]
+        out_features = shapes[b_key][0]
+        if base_shapes is not None:
+            if module not in base_shapes:
+                raise LoraFileError(f"{path}: tensor {a_key}: module {module} is not a Linear of the base")
+            base_out, base_in = base_shapes[module]
+            if in_features != base_in:
+                raise LoraFileError(
+                    f"{path}: tensor {a_key}: shape {list(shapes[a_key])} does not fit base module {module} "
+                    f"(out={base_out}, in={base_in})"
+                )
+            if out_features != base_out:
+                raise LoraFileError(
+                    f"{path}: tensor {b_key}: shape {list(shapes[b_key])} does not fit base module {module} "
+                    f"(out={base_out}, in={base_in})"
+                )
+        if "alpha" in roles:
+            alpha = _alpha_value(path, roles["alpha"], alphas[roles["alpha"]])
+        elif config is not None:
+            alpha = _alpha_from_config(config, module, rank)
+        else:
+            alpha = float(rank)
+        modules[module] = LoraModule(rank, in_features, out_features, alpha, a_key, b_key)
+    return LoraWeights(str(path), layout, modules, None)
+
+
+def _group_keys(
+    path: Path, shapes: dict[str, tuple[int, ...]], base_shapes: dict[str, tuple[int, int]] | None
+) -> tuple[str, dict[str, dict[str, str]]]:
+    """Map every key to (module, role); one layout and one adapter name per file, no duplicates."""
+    kohya_names = _kohya_names(base_shapes)
+    layout: str | None = None
+    adapter: str | None = None
+    grouped: dict[str, dict[str, str]] = {}
+    for key in sorted(shapes):
+        key_layout, rest = "plain", key
+        for prefix, name in _PREFIXES:
+            if key.startswith(prefix):
+                key_layout, rest = name, key[len(prefix) :]
+                break
+        match = _KEY.match(rest)
+        if match is None:
+            raise LoraFileError(f"{path}: unknown LoRA key {key}")
+        if layout is None:
+            layout = key_layout
+        elif key_layout != layout:
+            raise LoraFileError(f"{path}: key {key}: {key_layout} layout mixed with {layout} keys in one file")
+        if match["adapter"] is not None:
+            if adapter is None:
+                adapter = match["adapter"]
+            elif match["adapter"] != adapter:
+                raise LoraFileError(f"{path}: key {key}: second adapter name '{match['adapter']}' (first '{adapter}')")
+        module = match["module"]
+        if key_layout == "kohya":
+            if kohya_names is None:
+                raise LoraFileError(
+                    f"{path}: key {key}: kohya module names need the base's module names to resolve"
+                )
+            if module not in kohya_names:
+                raise LoraFileError(f"{path}: unknown LoRA key {key} (no single base module flattens to {module})")
+            module = kohya_names[module]
+        role = "alpha" if match["alpha"] else ("down" if match["role"] in _DOWN else "up")
+        roles = grouped.setdefault(module, {})
+        if role in roles:
+            raise LoraFileError(f"{path}: key {key}: duplicates {roles[role]} for module {module}")
+        roles[role] = key
+    assert layout is not None
+    return layout, grouped
+
+
+def _kohya_names(base_shapes: dict[str, tuple[int, int]] | None) -> dict[str, str] | None:
+    """kohya flattens `a.b_c.0` to `a_b_c_0`; invert that against the real names, ambiguity excluded."""
+    if base_shapes is None:
+        return None
+    flat = Counter(name.replace(".", "_") for name in base_shapes)
+    return {name.replace(".", "_"): name for name in base_shapes if flat[name.replace(".", "_")] == 1}
+
+
+def _check_pair(source: str, a_key: str, a_shape: tuple, b_key: str, b_shape: tuple) -> None:
+    for key, shape in ((a_key, a_shape), (b_key, b_shape)):
+        if len(shape) != 2:
+            raise LoraFileError(f"{source}: tensor {key}: expected a 2-D matrix, got shape {list(shape)}")
+    if a_shape[0] != b_shape[1]:
+        raise LoraFileError(
+            f"{source}: tensor {b_key}: shape {list(b_shape)} does not match rank {a_shape[0]} of {a_key}"
+        )
+
+
+def _alpha_value(path: Path, key: str, tensor: torch.Tensor) -> float:
+    if tensor.numel() != 1:
+        raise LoraFileError(f"{path}: tensor {key}: alpha must be a scalar, got shape {list(tensor.shape)}")
+    value = float(tensor.float().reshape(()))
+    if not (value > 0 and value != float("inf")):
+        raise LoraFileError(f"{path}: tensor {key}: alpha must be finite and positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class _PeftSource:
+    """The r/alpha part of a peft LoraConfig, with where it came from for error messages."""
+
+    where: str
+    r: int
+    lora_alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+
+def _peft_config_source(path: Path, metadata: dict[str, str]) -> _PeftSource | None:
+    """The diffusers metadata in the file header, else adapter_config.json next to the file, else none."""
+    if DIFFUSERS_METADATA_KEY in metadata:
+        where = f"{path}: metadata {DIFFUSERS_METADATA_KEY}"
+        try:
+            raw = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise LoraFileError(f"{where}: invalid JSON ({error})") from error
+        if isinstance(raw, dict) and any(k.startswith("transformer.") for k in raw):
+            raw = {k.removeprefix("transformer."): v for k, v in raw.items() if k.startswith("transformer.")}
+        return _parse_peft_config(where, raw)
+    config_path = path.parent / ADAPTER_CONFIG
+    if config_path.is_file():
+        try:
+            raw = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LoraFileError(f"{config_path}: cannot read ({_one_line(error)})") from error
+        return _parse_peft_config(str(config_path), raw)
+    return None
+
+
+def _parse_peft_config(where: str, raw: object) -> _PeftSource:
+    if not isinstance(raw, dict):
+        raise LoraFileError(f"{where}: expected a JSON object")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(raw.get(field), (int, float)) or isinstance(raw.get(field), bool):
+            raise LoraFileError(f"{where}: {field}: missing or not a number")
+    for field in ("use_rslora", "use_dora"):
+        if raw.get(field):
+            raise LoraFileError(f"{where}: {field}: not supported (plain LoRA only)")
+    patterns = {}
+    for field in ("rank_pattern", "alpha_pattern"):
+        value = raw.get(field) or {}
+        if not isinstance(value, dict):
+            raise LoraFileError(f"{where}: {field}: expected a mapping")
+        patterns[field] = value
+    return _PeftSource(
+        where, int(raw["r"]), float(raw["lora_alpha"]), patterns["rank_pattern"], patterns["alpha_pattern"]
+    )
+
+
+def _pattern_value(where: str, patterns: dict, module: str) -> object | None:
+    """peft's own rule (`get_pattern_key`): a pattern matches the end of the module path at a dot."""
+    for pattern, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        except re.error as error:
+            raise LoraFileError(f"{where}: pattern {pattern!r}: invalid regular expression ({error})") from error
+    return None
+
+
+def _alpha_from_config(config: _PeftSource, module: str, rank: int) -> float:
+    pattern_rank = _pattern_value(config.where, config.rank_pattern, module)
+    expected = config.r if pattern_rank is None else int(pattern_rank)
+    if expected != rank:
+        raise LoraFileError(f"{config.where}: r: says rank {expected} for {module}, the file has rank {rank}")
+    pattern_alpha = _pattern_value(config.where, config.alpha_pattern, module)
+    return config.lora_alpha if pattern_alpha is None else float(pattern_alpha)
+
+
+def peft_config_for(weights: LoraWeights) -> peft.LoraConfig:
+    """A LoraConfig injecting exactly these modules with their own ranks and alphas.
+
+    The most common rank/alpha become r/lora_alpha; the others go to rank_pattern/alpha_pattern keyed
+    by the escaped full module path, which peft matches exactly.
+    """
+    r = Counter(m.rank for m in weights.modules.values()).most_common(1)[0][0]
+    lora_alpha = Counter(m.alpha for m in weights.modules.values()).most_common(1)[0][0]
+    return peft.LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=list(weights.modules),
+        rank_pattern={re.escape(n): m.rank for n, m in weights.modules.items() if m.rank != r},
+        alpha_pattern={re.escape(n): m.alpha for n, m in weights.modules.items() if m.alpha != lora_alpha},
+    )
+
+
+def to_peft_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """Keys as `peft.set_peft_model_state_dict` expects for an adapter injected into the transformer."""
+    state: dict[str, torch.Tensor] = {}
+    for name, down, up in weights.pairs():
+        state[f"{name}.lora_A.weight"] = down
+        state[f"{name}.lora_B.weight"] = up
+    return state
+
+
+def _config_dict(weights: LoraWeights) -> dict:
+    config = peft_config_for(weights)
+    return {
+        "peft_type": "LORA",
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules),
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+    }
+
+
+def write_lora(weights: LoraWeights, path: Path, layout: WriteLayout) -> None:
+    """Write atomically in a layout other tools read: diffusers (alphas in the header metadata, as
+    `save_lora_weights` does), peft (plus adapter_config.json beside it) or kohya (`.alpha` scalars)."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = {"format": "pt"}
+    for name, down, up in weights.pairs():
+        down, up = down.contiguous(), up.contiguous()
+        if layout == "diffusers":
+            tensors[f"transformer.{name}.lora_A.weight"] = down
+            tensors[f"transformer.{name}.lora_B.weight"] = up
+        elif layout == "peft":
+            tensors[f"base_model.model.{name}.lora_A.weight"] = down
+            tensors[f"base_model.model.{name}.lora_B.weight"] = up
+        else:
+            flat = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{flat}.lora_down.weight"] = down
+            tensors[f"{flat}.lora_up.weight"] = up
+            tensors[f"{flat}.alpha"] = torch.tensor(weights.modules[name].alpha, dtype=torch.float32)
+    if layout == "diffusers":
+        packed = {f"transformer.{k}": v for k, v in _config_dict(weights).items()}
+        metadata[DIFFUSERS_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        if layout == "peft":
+            atomic_write_text(path.parent / ADAPTER_CONFIG, json.dumps(_config_dict(weights), indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so readers never see half a file."""
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def base_linear_shapes_from_safetensors(transformer_dir: Path) -> dict[str, tuple[int, int]]:
+    """(out, in) of every 2-D `*.weight` from the header(s) of a diffusers `transformer/` folder.
+
+    Only headers are parsed, so checking LoRAs against a 20B base costs no weight I/O.
+    """
+    transformer_dir = Path(transformer_dir)
+    index = transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
+    single = transformer_dir / "diffusion_pytorch_model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = [transformer_dir / name for name in sorted(set(weight_map.values()))]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise BankError(f"{index}: cannot read weight_map ({_one_line(error)})") from error
+    elif single.is_file():
+        files = [single]
+    else:
+        raise BankError(f"{transformer_dir}: no diffusion_pytorch_model.safetensors(.index.json) found")
+    shapes: dict[str, tuple[int, int]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shape = handle.get_slice(key).get_shape()
+                    if key.endswith(".weight") and len(shape) == 2:
+                        shapes[key.removesuffix(".weight")] = (shape[0], shape[1])
+        except (SafetensorError, OSError) as error:
+            raise BankError(f"{file}: not a valid safetensors file ({_one_line(error)})") from error
+    return shapes
+
+
+def base_linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every nn.Linear of a live model; an adapter-wrapped Linear counts as its base layer."""
+    shapes: dict[str, tuple[int, int]] = {}
+    wrapped: list[str] = []
+    for name, child in module.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
+            continue
+        if isinstance(child, BaseTunerLayer):
+            wrapped.append(name)
+            child = child.get_base_layer()
+        if isinstance(child, torch.nn.Linear):
+            shapes[name] = (child.out_features, child.in_features)
+    return shapes
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,1 @@
+"""The backbone: one wrapper over a diffusers editing pipeline, and the embedded tiny default."""

@@ -1,0 +1,63 @@
+"""The pipeline stages, one function each, called by the CLI, DVC, the KFP components and the tests.
+
+Each takes typed config sections and explicit paths; none reads params.yaml itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from collectionlora.adapters import NONE, AdapterSet
+from collectionlora.bank import load_bank, read_pair_folder
+from collectionlora.config import Params
+from collectionlora.errors import BankError
+from collectionlora.effects import catalog
+from collectionlora.effects.base import stable_seed
+from collectionlora.images import grid, save_png
+from collectionlora.models.backbone import Backbone
+from collectionlora.sampling import sample_teacher
+from collectionlora.teachers import save_teacher, train_teacher
+from collectionlora.validate import run_validate
+
+__all__ = ["run_preview", "run_teacher_train", "run_validate"]
+
+
+def run_preview(params: Params, out: Path) -> Path:
+    """Each teacher on held-out eval sources: one grid row per effect of (source | teacher | ground truth).
+
+    Ground truth exists for catalog effects only; a user's own effect shows source | teacher.
+    """
+    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    backbone = Backbone.load(params.base, bank.base_dir)
+    adapters = AdapterSet(backbone.transformer)
+    sources = bank.load_eval_sources()[: params.demo.eval_images]
+    known = catalog()
+    rows = []
+    for effect in bank.effects:
+        adapters.add_teacher(effect.id, effect.teacher)
+        adapters.activate(effect.id)
+        seeds = [stable_seed("preview", effect.id, i) for i in range(len(sources))]
+        edited = sample_teacher(backbone, sources, [effect.prompt] * len(sources), seeds, params.sampling).images
+        truth = known[effect.id].apply(sources, 0) if effect.id in known else None
+        row = []
+        for i, source in enumerate(sources):
+            row += [source, edited[i]] + ([truth[i]] if truth is not None else [])
+        rows.append(row)
+    adapters.activate(NONE)
+    out = Path(out)
+    save_png(grid(rows), out)
+    return out
+
+
+
+def run_teacher_train(params: Params, pairs: Path, prompt: str, out: Path, base: Path | None = None) -> Path:
+    """Train one effect LoRA from a folder of pairs; writes out/pytorch_lora_weights.safetensors."""
+    if not prompt.strip():
+        raise BankError(f"{pairs}: the teacher prompt is empty")
+    sources, results = read_pair_folder(Path(pairs), params.bank.image_size)
+    backbone = Backbone.load(params.base, base)
+    adapters = AdapterSet(backbone.transformer)
+    weights, peft_config, _ = train_teacher(
+        backbone, adapters, sources, results, prompt, params.lora, params.sampling, Path(out).name
+    )
+    return save_teacher(weights, peft_config, Path(out), params.lora.save_dtype)
