@@ -23,3 +23,59 @@ def valid_bank(bank_template: Path, tmp_path: Path) -> Path:
     root = tmp_path / "bank"
     shutil.copytree(bank_template.parent, root, symlinks=True)
     return root / bank_template.name
+
+
+# ---- the embedded tiny pipeline ------------------------------------------------------------------
+import os  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+from collectionlora.config import Params, load_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# CI-sized versions of params.yaml: the same code, a 2-layer model and a few steps per stage.
+TINY_OVERRIDES = {
+    "base": {"tiny": {"num_layers": 2}},
+    "sampling": {"teacher_steps": 4},
+    "lora": {"rank": 4, "alpha": 4, "steps": 20, "batch_size": 4},
+    "judge": {"steps": 60, "procedural_per_effect": 16, "holdout_per_effect": 4},
+    "demo_bank": {
+        "sizes": {"default": 2, "fifty": 3},
+        "pairs_per_effect": 4,
+        "general_sources": 4,
+        "eval_sources": 4,
+        "base_steps": 4,
+        "base_batch_size": 4,
+        "teacher_check_steps": 2,
+        "teacher_pass_rate": 0.0,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> Params:
+    return load_params(REPO / "params.yaml", TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory, tiny_params: Params) -> Path:
+    """A freshly initialised (not pretrained) tiny pipeline saved with save_pretrained."""
+    from collectionlora.base_pretrain import general_instructions
+    from collectionlora.effects import catalog
+    from collectionlora.models.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "base"
+    corpus = [e.prompt for e in catalog().values()] + general_instructions()
+    build_tiny_pipeline(tiny_params.base.tiny, corpus, seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def backbone(tiny_params: Params, tiny_base_dir: Path):
+    from collectionlora.models.backbone import Backbone
+
+    return Backbone.load(tiny_params.base, tiny_base_dir)

@@ -15,7 +15,6 @@ teacher slots never get any.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,16 +96,8 @@ class AdapterSet:
 
     def _create_slot(self, slot: str, lora: lorafile.LoraWeights) -> None:
         ranks = lora.ranks()
-        default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
-        config = PeftLoraConfig(
-            r=default_rank,
-            lora_alpha=default_rank,
-            target_modules=sorted(ranks),
-            rank_pattern={re.escape(m): r for m, r in ranks.items() if r != default_rank},
-            alpha_pattern={re.escape(m): r for m, r in ranks.items() if r != default_rank},
-            lora_dropout=0.0,
-            bias="none",
-        )
+        # alpha = rank per module: the slot's scale is 1, each teacher's own alpha/r is folded into B.
+        config = lorafile.peft_config_for_ranks(ranks, {m: float(r) for m, r in ranks.items()})
         self.transformer.add_adapter(config, adapter_name=slot)
         params = {}
         for full_name, param in self.transformer.named_parameters():

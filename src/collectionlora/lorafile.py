@@ -361,19 +361,21 @@ def _alpha_from_config(config: _PeftSource, module: str, rank: int) -> float:
 
 
 def peft_config_for(weights: LoraWeights) -> peft.LoraConfig:
-    """A LoraConfig injecting exactly these modules with their own ranks and alphas.
+    """A LoraConfig injecting exactly these modules with their own ranks and alphas."""
+    return peft_config_for_ranks(weights.ranks(), weights.alphas())
 
-    The most common rank/alpha become r/lora_alpha; the others go to rank_pattern/alpha_pattern keyed
-    by the escaped full module path, which peft matches exactly.
-    """
-    r = Counter(m.rank for m in weights.modules.values()).most_common(1)[0][0]
-    lora_alpha = Counter(m.alpha for m in weights.modules.values()).most_common(1)[0][0]
+
+def peft_config_for_ranks(ranks: dict[str, int], alphas: dict[str, float]) -> peft.LoraConfig:
+    """The most common rank/alpha become r/lora_alpha; the others go to rank_pattern/alpha_pattern keyed
+    by the escaped full module path, which peft matches exactly."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_alpha = Counter(alphas.values()).most_common(1)[0][0]
     return peft.LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
-        target_modules=list(weights.modules),
-        rank_pattern={re.escape(n): m.rank for n, m in weights.modules.items() if m.rank != r},
-        alpha_pattern={re.escape(n): m.alpha for n, m in weights.modules.items() if m.alpha != lora_alpha},
+        target_modules=list(ranks),
+        rank_pattern={re.escape(n): rank for n, rank in ranks.items() if rank != r},
+        alpha_pattern={re.escape(n): alpha for n, alpha in alphas.items() if alpha != lora_alpha},
     )
 
 

@@ -113,7 +113,7 @@ class Backbone:
         if not (location / "model_index.json").is_file():
             raise ConfigError(f"{location}: no model_index.json (base.model / base.path must name a diffusers pipeline folder)")
         extra = {"processor": load_processor(location)} if processor_needs_workaround() else {}
-        pipe = pipeline_class.from_pretrained(location, torch_dtype=dtype, **extra)
+        pipe = pipeline_class.from_pretrained(location, dtype=dtype, **extra)
         pipe.to(config.device)
         return cls(pipe, config, embedded)
 

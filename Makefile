@@ -1,0 +1,47 @@
+# The two commands of the README: `make demo` and `make test`. Each does its own set-up first:
+# a virtualenv in .venv/ with the pinned lock (torch 2.13.0 CPU, no torchvision), then the project.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Nothing may reach the network at run time.
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export AWS_EC2_METADATA_DISABLED := true
+
+.PHONY: setup demo test bank benchmarks clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@! $(BIN)/pip show torchvision >/dev/null 2>&1 || { echo "torchvision must not be installed"; exit 1; }
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Pull the demo bank (offline, from the remote committed in dvc-storage/), validate it and preview its teachers.
+demo: setup
+	$(BIN)/dvc pull --quiet data.dvc
+	$(BIN)/collectionlora validate
+	$(BIN)/collectionlora preview
+
+test: setup
+	$(BIN)/pytest -q
+
+## Rebuild the demo bank from scratch (about an hour on 2 cores), then track and push it.
+bank: setup
+	$(BIN)/collectionlora demo-bank build --out data
+	$(BIN)/dvc add data
+	$(BIN)/dvc push data.dvc
+
+benchmarks: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf artifacts .pytest_cache
