@@ -41,7 +41,7 @@ bank: setup
 	$(BIN)/dvc push data.dvc
 
 benchmarks: setup
-	$(BIN)/python benchmarks/run_all.py
+	for bench in benchmarks/bench_*.py; do $(BIN)/python $$bench || exit 1; done
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -65,12 +65,10 @@ def tiny_params() -> Params:
 def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory, tiny_params: Params) -> Path:
     """A freshly initialised (not pretrained) tiny pipeline saved with save_pretrained."""
     from collectionlora.base_pretrain import general_instructions
-    from collectionlora.effects import catalog
     from collectionlora.models.tiny import build_tiny_pipeline
 
     folder = tmp_path_factory.mktemp("tiny") / "base"
-    corpus = [e.prompt for e in catalog().values()] + general_instructions()
-    build_tiny_pipeline(tiny_params.base.tiny, corpus, seed=0).save_pretrained(folder)
+    build_tiny_pipeline(tiny_params.base.tiny, general_instructions(), seed=0).save_pretrained(folder)
     return folder
 
 

@@ -6,8 +6,8 @@ pairs, train its teacher LoRA and keep it only if the judge recognises the teach
 held-out sources. Two manifests share one tree: `bank.yaml` (default size) and `bank-<n>.yaml`.
 
 The build takes about an hour on 2 CPU cores for 50 effects, so it resumes: finished parts
-(base, judge, each effect's verdict) are kept in the staging folder and skipped on a rerun.
-The finished tree replaces `out` in one rename.
+(base, judge, each effect's verdict) are kept in the staging folder `<out>.build` and skipped on a
+rerun, and a larger target only trains the new effects. The bank is published into `out` in one rename.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from collectionlora.adapters import NONE as NONE_ADAPTER
 from collectionlora.adapters import AdapterSet
 from collectionlora.base_pretrain import general_instructions, pretrain_base
 from collectionlora.config import Params
-from collectionlora.effects import catalog, make_sources
+from collectionlora.effects import Effect, catalog, make_sources
 from collectionlora.effects.base import stable_seed
+from collectionlora.errors import BankError
 from collectionlora.evaluate.fidelity import psnr
 from collectionlora.evaluate.judge import NONE, EffectJudge, procedural_examples, train_judge
 from collectionlora.images import quantize, save_png
@@ -59,7 +60,7 @@ def build_demo_bank(params: Params, out: Path, max_effects: int | None = None) -
     verdicts = _effects(params, backbone, judge, staging, target)
     passed = [v for v in verdicts if v.passed]
     if len(passed) < target:
-        raise RuntimeError(
+        raise BankError(
             f"only {len(passed)} of {len(verdicts)} catalog effects passed the judge ({target} needed); "
             "extend the catalog or raise lora.steps"
         )
@@ -68,20 +69,16 @@ def build_demo_bank(params: Params, out: Path, max_effects: int | None = None) -
     (staging / "build_report.json").write_text(
         json.dumps([asdict(v) for v in verdicts], indent=2) + "\n", encoding="utf-8"
     )
-    for leftover in staging.glob("effects/*"):
-        if not (leftover / "teacher" / LORA_WEIGHTS).is_file():
-            shutil.rmtree(leftover)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    _publish(staging, out, passed[:target])
     return verdicts
 
 
 def _base(params: Params, folder: Path) -> Backbone:
     if not (folder / "model_index.json").is_file():
         config = params.demo_bank
-        corpus = [e.prompt for e in catalog().values()] + general_instructions()
-        pipe = build_tiny_pipeline(params.base.tiny, corpus, config.seed)
+        # The base must not depend on the catalog's wording: fit on general instructions only
+        # (plus the built-in editing vocabulary), so catalog changes never invalidate the base.
+        pipe = build_tiny_pipeline(params.base.tiny, general_instructions(), config.seed)
         backbone = Backbone(pipe, params.base, embedded=True)
         pretrain_base(backbone, config.base_steps, config.base_lr, config.base_batch_size, BASE_POOL, config.seed)
         partial = folder.with_name(folder.name + ".partial")
@@ -109,7 +106,7 @@ def _effects(params: Params, backbone: Backbone, judge: EffectJudge, staging: Pa
     size = params.base.resolution
     check_sources = make_sources("eval", config.eval_sources, size, config.seed)
     verdicts: list[EffectVerdict] = []
-    progress = tqdm(catalog().values(), desc="demo-bank teachers", unit="effect")
+    progress = tqdm(build_order(), desc="demo-bank teachers", unit="effect")
     for effect in progress:
         if sum(v.passed for v in verdicts) >= target:
             break
@@ -171,11 +168,45 @@ def _write_sources(params: Params, staging: Path) -> None:
     (staging / "general" / "instructions.txt").write_text("\n".join(general_instructions()) + "\n", encoding="utf-8")
 
 
+def _publish(staging: Path, out: Path, passed: list[EffectVerdict]) -> None:
+    """Copy the bank's files (not the build's bookkeeping) into a fresh `out`, replaced in one rename.
+
+    The staging folder stays, so a later build with a larger target only trains the new effects.
+    """
+    fresh = out.with_name(out.name + ".publish")
+    shutil.rmtree(fresh, ignore_errors=True)
+    for name in ("base", "judge", "general", "eval"):
+        shutil.copytree(staging / name, fresh / name)
+    for manifest in [*staging.glob("bank*.yaml"), staging / "build_report.json"]:
+        shutil.copy2(manifest, fresh / manifest.name)
+    for verdict in passed:
+        for part in ("teacher", "pairs"):
+            shutil.copytree(staging / "effects" / verdict.id / part, fresh / "effects" / verdict.id / part)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(fresh, out)
+
+
+def build_order() -> list[Effect]:
+    """Catalog effects interleaved across categories, so any prefix of the bank is varied: the
+    default bank is the first passing effects, the larger bank extends it."""
+    by_category: dict[str, list[Effect]] = {}
+    for effect in catalog().values():
+        by_category.setdefault(effect.category, []).append(effect)
+    order = []
+    while any(by_category.values()):
+        for queue in by_category.values():
+            if queue:
+                order.append(queue.pop(0))
+    return order
+
+
 def _write_manifests(params: Params, staging: Path, passed: list[EffectVerdict]) -> None:
-    """bank.yaml for the default size, bank-<n>.yaml for each other size; all share one tree."""
+    """bank.yaml for the default size, bank-<n>.yaml for each other size reached; all share one tree."""
     effects = catalog()
     for name, count in params.demo_bank.sizes.items():
-        chosen = _diverse(passed, count)
+        if count > len(passed):
+            continue
         manifest = {
             "version": 1,
             "name": f"demo-{name}",
@@ -191,21 +222,8 @@ def _write_manifests(params: Params, staging: Path, passed: list[EffectVerdict])
                     "teacher": f"effects/{v.id}/teacher/{LORA_WEIGHTS}",
                     "pairs": f"effects/{v.id}/pairs",
                 }
-                for v in chosen
+                for v in passed[:count]
             ],
         }
         filename = "bank.yaml" if name == "default" else f"bank-{count}.yaml"
         (staging / filename).write_text(yaml.safe_dump(manifest, sort_keys=False, width=120), encoding="utf-8")
-
-
-def _diverse(passed: list[EffectVerdict], count: int) -> list[EffectVerdict]:
-    """`count` effects, taking categories round-robin in catalog order so a small bank is varied."""
-    by_category: dict[str, list[EffectVerdict]] = {}
-    for verdict in passed:
-        by_category.setdefault(verdict.category, []).append(verdict)
-    chosen: list[EffectVerdict] = []
-    while len(chosen) < min(count, len(passed)):
-        for queue in by_category.values():
-            if queue and len(chosen) < count:
-                chosen.append(queue.pop(0))
-    return chosen

@@ -36,6 +36,21 @@ SPECIAL_TOKENS = [
 ]
 
 
+# Editing vocabulary the tokenizer is fitted on besides the caller's corpus. Any text still encodes
+# (byte-level BPE); this only keeps common instruction words to a few tokens each.
+EDITING_VOCABULARY = [
+    "Turn the photo into a black and white picture with soft grain",
+    "Make the colours warmer, cooler, brighter, darker, more vivid or muted",
+    "Add a border, a frame, stripes, dots, sparkles, snow, rain, fog or bubbles to the image",
+    "Blur the background, sharpen the subject, pixelate the picture into blocks",
+    "Give the picture a red, green, blue, yellow, orange, purple, pink, cyan or magenta tint",
+    "Apply a vintage film look with a vignette, light leaks and scratches",
+    "Keep the subject and the composition, change only the style of the image",
+    "Place a sticker, a badge or a heart in the corner of the photo",
+    "Swap the colours, invert the tones, lift the shadows and soften the highlights",
+]
+
+
 def fit_tokenizer(corpus: Iterable[str], vocab_size: int) -> Qwen2Tokenizer:
     """Fit a byte-level BPE offline and wrap it in the real Qwen2Tokenizer class.
 
@@ -49,7 +64,7 @@ def fit_tokenizer(corpus: Iterable[str], vocab_size: int) -> Qwen2Tokenizer:
         "image that meets the user's requirements while maintaining consistency with the original input where "
         "appropriate.<|im_end|>\n<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>"
     )
-    lines = [prefix] * 50 + list(corpus) + ["<|im_end|>\n<|im_start|>assistant\n"] * 50
+    lines = [prefix] * 50 + EDITING_VOCABULARY + list(corpus) + ["<|im_end|>\n<|im_start|>assistant\n"] * 50
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
