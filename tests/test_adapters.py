@@ -141,3 +141,20 @@ def test_unknown_adapter_and_name_clash_are_errors(backbone, teacher_files):
         adapters.activate("zzz")
     with pytest.raises(ValueError, match="already used"):
         adapters.add_teacher("a", teacher_files["b"])
+
+
+def test_adding_adapters_keeps_the_active_one(backbone, teacher_files):
+    """peft activates every newly added adapter; the set must keep what the caller activated."""
+    adapters = AdapterSet(backbone.transformer)
+    adapters.add_teacher("a", teacher_files["a"])
+    adapters.activate("a")
+    with_a = velocity(backbone)
+    adapters.add_trainable("student", 4, 4, ["to_q"], seed=0)
+    adapters.add_teacher("c", teacher_files["c"])  # a new slot (other ranks)
+    assert torch.allclose(velocity(backbone), with_a, atol=1e-6)
+    adapters.activate(NONE)
+    base = velocity(backbone)
+    adapters.add_trainable("critic", 4, 4, ["to_q"], seed=1)
+    assert torch.allclose(velocity(backbone), base, atol=1e-6)
+    adapters.remove("critic")
+    assert torch.allclose(velocity(backbone), base, atol=1e-6)

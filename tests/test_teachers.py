@@ -22,7 +22,7 @@ from collectionlora.stages import run_teacher_train
 def pretrained_base(tiny_params, tiny_base_dir, tmp_path_factory):
     """The tiny base after a short general-edit pretraining, so it can copy its input."""
     backbone = Backbone.load(tiny_params.base, tiny_base_dir)
-    pretrain_base(backbone, steps=150, lr=3e-3, batch_size=8, pool_size=64, seed=0)
+    pretrain_base(backbone, steps=150, lr=3e-3, batch_size=8, pool_size=64, seed=0, prompt_dropout=0.1, empty_prompt="")
     folder = tmp_path_factory.mktemp("pretrained") / "base"
     backbone.pipe.save_pretrained(folder)
     return folder

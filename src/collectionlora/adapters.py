@@ -59,6 +59,7 @@ class AdapterSet:
             torch.manual_seed(seed)
             self.transformer.add_adapter(config, adapter_name=name)
         self._trainable[name] = [p for n, p in self.transformer.named_parameters() if f".{name}." in n]
+        self._apply(self.active)  # peft activates a newly added adapter; keep the current one
         self._restore_grad_rule()
         return self._trainable[name]
 
@@ -79,6 +80,7 @@ class AdapterSet:
         self._trainable.pop(name, None)
         if self.active == name:
             self.active = NONE
+        self._apply(self.active)
         self._restore_grad_rule()
 
     # ---- teachers -----------------------------------------------------------------------------
@@ -99,6 +101,7 @@ class AdapterSet:
         # alpha = rank per module: the slot's scale is 1, each teacher's own alpha/r is folded into B.
         config = lorafile.peft_config_for_ranks(ranks, {m: float(r) for m, r in ranks.items()})
         self.transformer.add_adapter(config, adapter_name=slot)
+        self._apply(self.active)
         params = {}
         for full_name, param in self.transformer.named_parameters():
             if f".{slot}." in full_name:
@@ -124,18 +127,23 @@ class AdapterSet:
         if name == self.active:
             return
         self.switches += 1
-        if name == NONE:
-            self.transformer.disable_adapters()
-        else:
-            adapter = name
-            if name in self._teachers:
-                adapter = self._load_teacher(name)
-            elif name not in self._trainable:
-                raise KeyError(f"unknown adapter {name!r}; known: {sorted([*self._trainable, *self._teachers])}")
-            self.transformer.enable_adapters()
-            self.transformer.set_adapter(adapter)
+        self._apply(name)
         self.active = name
         self._restore_grad_rule()
+
+    def _apply(self, name: str) -> None:
+        """Put the transformer in `name`'s state (peft also changes it when adapters are added or deleted)."""
+        if name == NONE:
+            self.transformer.disable_adapters()
+            return
+        if name in self._teachers:
+            adapter = self._load_teacher(name)
+        elif name in self._trainable:
+            adapter = name
+        else:
+            raise KeyError(f"unknown adapter {name!r}; known: {sorted([*self._trainable, *self._teachers])}")
+        self.transformer.enable_adapters()
+        self.transformer.set_adapter(adapter)
 
     def _load_teacher(self, name: str) -> str:
         teacher = self._teachers[name]

@@ -40,10 +40,14 @@ def apply_general_edit(instruction: str, images: torch.Tensor) -> torch.Tensor:
 
 
 def general_batches(
-    backbone: Backbone, pool_size: int, batch_size: int, seed: int, resolution: int
+    backbone: Backbone, pool_size: int, batch_size: int, seed: int, prompt_dropout: float, empty_prompt: str
 ) -> Callable[[torch.Generator], FlowBatch]:
-    """Random (source, general edit) minibatches over a fixed pool of general-split sources."""
-    pool = make_sources("general", pool_size, resolution, seed)
+    """Random (source, general edit) minibatches over a fixed pool of general-split sources.
+
+    With probability `prompt_dropout` the instruction is replaced by `empty_prompt`, so that the base
+    also learns the unconditional prediction classifier-free guidance needs.
+    """
+    pool = make_sources("general", pool_size, backbone.resolution, seed)
     instructions = general_instructions()
     condition = backbone.encode_images(pool)
 
@@ -52,19 +56,30 @@ def general_batches(
         picks = torch.randint(0, len(instructions), (batch_size,), generator=generator).tolist()
         sources = pool[rows]
         targets = torch.cat([apply_general_edit(instructions[k], sources[i : i + 1]) for i, k in enumerate(picks)])
-        text = backbone.encode_prompts([instructions[k] for k in picks], sources)
+        dropped = (torch.rand(batch_size, generator=generator) < prompt_dropout).tolist()
+        prompts = [empty_prompt if drop else instructions[k] for k, drop in zip(picks, dropped)]
+        text = backbone.encode_prompts(prompts, sources)
         return FlowBatch(backbone.encode_images(targets), condition[rows], text)
 
     return next_batch
 
 
-def pretrain_base(backbone: Backbone, steps: int, lr: float, batch_size: int, pool_size: int, seed: int) -> list[float]:
+def pretrain_base(
+    backbone: Backbone,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    pool_size: int,
+    seed: int,
+    prompt_dropout: float,
+    empty_prompt: str,
+) -> list[float]:
     """Full fine-tune of the transformer on general edits; returns the loss curve."""
     parameters = list(backbone.transformer.parameters())
     for p in parameters:
         p.requires_grad_(True)
     try:
-        batches = general_batches(backbone, pool_size, batch_size, seed, backbone.resolution)
+        batches = general_batches(backbone, pool_size, batch_size, seed, prompt_dropout, empty_prompt)
         return fit(backbone, parameters, batches, steps, lr, seed, "base pretraining")
     finally:
         for p in parameters:

@@ -29,7 +29,7 @@ from collectionlora.effects import Effect, catalog, make_sources
 from collectionlora.effects.base import stable_seed
 from collectionlora.errors import BankError
 from collectionlora.evaluate.fidelity import psnr
-from collectionlora.evaluate.judge import NONE, EffectJudge, procedural_examples, train_judge
+from collectionlora.evaluate.judge import NONE, EffectJudge, holdout_report, procedural_examples, train_judge
 from collectionlora.images import quantize, save_png
 from collectionlora.models.backbone import Backbone
 from collectionlora.models.tiny import build_tiny_pipeline
@@ -37,6 +37,7 @@ from collectionlora.sampling import sample_teacher
 from collectionlora.teachers import LORA_WEIGHTS, save_teacher, train_teacher
 
 BASE_POOL = 512  # general-split sources the base is pretrained on
+HOLDOUT_REPORT = "holdout_report.json"  # the judge's accuracy on held-out ground truth
 
 
 @dataclass
@@ -80,7 +81,10 @@ def _base(params: Params, folder: Path) -> Backbone:
         # (plus the built-in editing vocabulary), so catalog changes never invalidate the base.
         pipe = build_tiny_pipeline(params.base.tiny, general_instructions(), config.seed)
         backbone = Backbone(pipe, params.base, embedded=True)
-        pretrain_base(backbone, config.base_steps, config.base_lr, config.base_batch_size, BASE_POOL, config.seed)
+        pretrain_base(
+            backbone, config.base_steps, config.base_lr, config.base_batch_size, BASE_POOL, config.seed,
+            params.lora.prompt_dropout, params.sampling.negative_prompt,
+        )
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         pipe.save_pretrained(partial)
@@ -97,7 +101,12 @@ def _judge(params: Params, folder: Path) -> EffectJudge:
         shutil.rmtree(partial, ignore_errors=True)
         judge.save(partial)
         os.replace(partial, folder)
-    return EffectJudge.load(folder)
+    judge = EffectJudge.load(folder)
+    if not (folder / HOLDOUT_REPORT).is_file():
+        config = params.judge
+        report = holdout_report(judge, list(catalog()), config.holdout_per_effect, params.base.resolution, config.seed)
+        (folder / HOLDOUT_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return judge
 
 
 def _effects(params: Params, backbone: Backbone, judge: EffectJudge, staging: Path, target: int) -> list[EffectVerdict]:

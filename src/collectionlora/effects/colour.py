@@ -46,7 +46,8 @@ def grayscale(x: Tensor) -> Tensor:
 
 
 def solarize(x: Tensor) -> Tensor:
-    return torch.where(x > 0.5, 1.0 - x, x)
+    """A tent curve: tones brighten up to mid-grey, then invert, so every tone changes."""
+    return 1.0 - (2.0 * x - 1.0).abs()
 
 
 def bleach_bypass(x: Tensor) -> Tensor:
@@ -54,7 +55,7 @@ def bleach_bypass(x: Tensor) -> Tensor:
 
 
 def split_tone(x: Tensor) -> Tensor:
-    return x + (luma(x) - 0.5) * rgb((0.4, 0.05, -0.4))
+    return x + (luma(x) - 0.5) * rgb((0.6, 0.05, -0.6))
 
 
 def night_vision(x: Tensor) -> Tensor:
@@ -80,7 +81,7 @@ EFFECTS: tuple[Effect, ...] = (
     Effect("swap_green_blue", "colour", "Swap the green and blue channels so greens turn blue", False, permute((0, 2, 1))),
     Effect("invert", "colour", "Invert the photo into a colour negative", False, lambda x: 1.0 - x),
     Effect("muted_colours", "colour", "Mute the colours to a soft, washed-out palette", False, lambda x: saturate(x, 0.3)),
-    Effect("vivid_colours", "colour", "Boost the saturation for vivid, punchy colours", False, lambda x: saturate(x, 2.2)),
+    Effect("vivid_colours", "colour", "Boost the saturation for vivid, punchy colours", False, lambda x: saturate(x, 1.9)),
     Effect("warm_tint", "colour", "Give the photo a warm golden-hour tint", False, tint((1.0, 0.9, 0.62), (0.12, 0.06, 0.0))),
     Effect("cool_tint", "colour", "Give the photo a cool icy-blue tint", False, tint((0.68, 0.9, 1.0), (0.0, 0.04, 0.14))),
     Effect("green_tint", "colour", "Tint the whole photo an eerie green", False, tint((0.72, 1.0, 0.68), (0.0, 0.12, 0.0))),
@@ -95,7 +96,7 @@ EFFECTS: tuple[Effect, ...] = (
     Effect("random_duotone", "colour", "Recolour the photo as a two-tone print in a bold colour pair", True, random_duotone),
     Effect("brighten", "tone", "Brighten the photo as if it were overexposed", False, lambda x: x * 1.5),
     Effect("darken", "tone", "Darken the photo as if it were underexposed", False, lambda x: x * 0.55),
-    Effect("high_contrast", "tone", "Crank up the contrast", False, lambda x: (x - 0.5) * 1.8 + 0.5),
+    Effect("high_contrast", "tone", "Crank up the contrast", False, lambda x: (x - 0.5) * 1.6 + 0.5),
     Effect("low_contrast", "tone", "Flatten the contrast into a faded grey matte look", False, lambda x: x * 0.5 + 0.25),
     Effect("lift_shadows", "tone", "Lift the shadows to reveal detail in the dark areas", False, lambda x: x.clamp(0, 1) ** 0.5),
     Effect("deepen_shadows", "tone", "Deepen the shadows while keeping the highlights bright", False, lambda x: x**2),

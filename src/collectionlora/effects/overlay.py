@@ -170,14 +170,14 @@ def bubbles(x: Tensor, rng: ItemRandom) -> Tensor:
 
 
 def paint_splatter(x: Tensor, rng: ItemRandom) -> Tensor:
-    """Three opaque blobs of saturated paint, each the union of a few discs."""
+    """Five opaque splats of saturated paint, each a ragged union of small discs."""
     height, width = x.shape[-2:]
     out = x
-    for _ in range(3):
+    for _ in range(5):
         cy = rng.uniform(low=0.1, high=0.9) * height
         cx = rng.uniform(low=0.1, high=0.9) * width
-        offsets = rng.uniform(3, 2, low=-3.0, high=3.0)
-        blob = discs(x, cy[:, None] + offsets[..., 0], cx[:, None] + offsets[..., 1], rng.uniform(3, low=1.5, high=3.5))
+        offsets = rng.uniform(4, 2, low=-3.5, high=3.5)
+        blob = discs(x, cy[:, None] + offsets[..., 0], cx[:, None] + offsets[..., 1], rng.uniform(4, low=1.0, high=2.5))
         out = paint(out, pick(SATURATED, rng.integers(len(SATURATED))), blob.amax(1, keepdim=True))
     return out
 

@@ -27,11 +27,12 @@ BOKEH_COLOURS = rgb([(1.0, 0.85, 0.5), (1.0, 0.6, 0.4), (0.6, 0.8, 1.0), (1.0, 1
 
 def tilt_shift(x: Tensor) -> Tensor:
     ys, _ = unit_grid(x)
-    return lerp(x, blur(x, 2.0), smoothstep(0.25, 0.7, ys.abs()))
+    return lerp(x, blur(x, 2.5), smoothstep(0.2, 0.55, ys.abs()))
 
 
 def soft_glow(x: Tensor) -> Tensor:
-    return screen(x, 0.6 * blur(x, 2.5))
+    """A wide pink-tinged bloom: spatial and coloured, unlike a plain shadow lift."""
+    return screen(x, 0.7 * blur(x, 3.0) * rgb((1.0, 0.8, 0.88)))
 
 
 def vignette_dark(x: Tensor) -> Tensor:
@@ -107,7 +108,7 @@ def fireflies(x: Tensor, rng: ItemRandom) -> Tensor:
 
 
 EFFECTS: tuple[Effect, ...] = (
-    Effect("blur", "blur", "Blur the photo softly as if it were out of focus", False, lambda x: blur(x, 1.5)),
+    Effect("blur", "blur", "Blur the photo softly as if it were out of focus", False, lambda x: blur(x, 2.0)),
     Effect("tilt_shift", "blur", "Apply a tilt-shift look: a sharp middle band with blurred top and bottom", False, tilt_shift),
     Effect("soft_glow", "blur", "Add a dreamy soft glow that blooms around the highlights", False, soft_glow),
     Effect("pixelate", "stylize", "Pixelate the photo into chunky 4-pixel blocks", False, lambda x: block_mean(x, 4)),

@@ -29,6 +29,7 @@ NONE = "none"
 WEIGHTS_FILE, META_FILE = "judge.safetensors", "judge.json"
 FORMAT = "collectionlora-effect-judge/1"
 PREDICT_CHUNK = 512
+RIDGE = 1e-3  # ridge weight of the colour fit, per pixel
 
 
 class JudgeFileError(CollectionLoraError):
@@ -123,11 +124,26 @@ def procedural_examples(
     return _labelled(groups)
 
 
+def colour_fit(sources: Tensor, results: Tensor) -> Tensor:
+    """Per-pair ridge fit of result ~ A @ source + b over all pixels, and the fit's RMS residual: [B, 13].
+
+    Global colour edits (channel swaps, tints, grey, sepia, contrast) are exact affine maps, so these
+    13 numbers name them directly where convolutions would have to estimate them from pixels.
+    """
+    x = torch.cat((sources.flatten(2), torch.ones_like(sources[:, :1].flatten(2))), 1).transpose(1, 2)  # [B, P, 4]
+    y = results.flatten(2).transpose(1, 2)  # [B, P, 3]
+    gram = x.transpose(1, 2) @ x + RIDGE * x.shape[1] * torch.eye(4)
+    coefficients = torch.linalg.solve(gram, x.transpose(1, 2) @ y)  # [B, 4, 3]
+    residual = (y - x @ coefficients).pow(2).mean((1, 2)).sqrt()
+    return torch.cat((coefficients.flatten(1), residual[:, None] * 10), 1)
+
+
 class JudgeNet(nn.Module):
     """Conv stack over (source, result, result - source), pooled to a 4x4 map so position still counts
-    (frames, letterboxes, corner badges)."""
+    (frames, letterboxes, corner badges), joined by the global colour fit before the classifier head."""
 
     IN_CHANNELS = 9
+    FIT_FEATURES = 13
 
     def __init__(self, width: int, n_labels: int) -> None:
         super().__init__()
@@ -139,13 +155,15 @@ class JudgeNet(nn.Module):
         self.features = nn.Sequential(
             *block(self.IN_CHANNELS, w), *block(w, w), nn.MaxPool2d(2),
             *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(4),
+            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
         )  # fmt: skip
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 4 * w), nn.ReLU(), nn.Linear(4 * w, n_labels))
+        self.fit = nn.Sequential(nn.Linear(self.FIT_FEATURES, 4 * w), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(4 * w * 17, 4 * w), nn.ReLU(), nn.Linear(4 * w, n_labels))
 
     def forward(self, sources: Tensor, results: Tensor) -> Tensor:
         inputs = torch.cat((sources * 2 - 1, results * 2 - 1, (results - sources) * 2), dim=1)
-        return self.head(self.features(inputs))
+        joined = torch.cat((self.features(inputs), self.fit(colour_fit(sources, results))), dim=1)
+        return self.head(joined)
 
 
 class EffectJudge:
@@ -264,3 +282,16 @@ def per_label_accuracy(judge: EffectJudge, sources: Tensor, results: Tensor, lab
     for predicted, truth in zip(predictions, labels):
         hits.setdefault(truth, []).append(predicted == truth)
     return {label: sum(h) / len(h) for label, h in hits.items()}
+
+
+def holdout_report(judge: EffectJudge, effect_ids: Sequence[str], per_effect: int, size: int, seed: int) -> dict:
+    """Accuracy on fresh ground truth from the eval split (disjoint from the judge's training sources)."""
+    examples = procedural_examples(effect_ids, per_effect, size, stable_seed("judge-holdout", seed), split="eval")
+    truth = examples.label_names()
+    per_label = per_label_accuracy(judge, examples.sources, examples.results, truth)
+    return {
+        "accuracy": judge_accuracy(judge, examples.sources, examples.results, truth),
+        "examples": len(truth),
+        "below_95": {label: acc for label, acc in per_label.items() if acc < 0.95},
+        "per_label": per_label,
+    }

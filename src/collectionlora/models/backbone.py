@@ -86,6 +86,7 @@ class Backbone:
     """
 
     def __init__(self, pipe: DiffusionPipeline, config: BaseConfig, embedded: bool):
+        torch.set_num_threads(config.threads)
         self.pipe = pipe
         self.config = config
         self.embedded = embedded
@@ -105,7 +106,6 @@ class Backbone:
     @classmethod
     def load(cls, config: BaseConfig, path: Path | None = None) -> "Backbone":
         """Load the embedded pipeline from `path` (default `config.path`) or a real one by path or hub id."""
-        torch.set_num_threads(config.threads)
         pipeline_class = PIPELINES[config.pipeline]
         dtype = DTYPES[config.dtype]
         embedded = config.is_embedded
