@@ -11,7 +11,7 @@ import yaml
 
 from collectionlora.effects import catalog
 
-COMMANDS = [[], ["effects", "list"], ["demo-bank", "build"], ["teachers", "train"], ["validate"], ["preview"]]
+COMMANDS = [[], ["effects", "list"], ["demo-bank", "build"], ["teachers", "train"], ["judge", "train"], ["validate"], ["preview"]]
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -134,7 +134,8 @@ class AdapterSet:
     def _apply(self, name: str) -> None:
         """Put the transformer in `name`'s state (peft also changes it when adapters are added or deleted)."""
         if name == NONE:
-            self.transformer.disable_adapters()
+            if self._trainable or self._slots:  # with no adapter left there is nothing to disable
+                self.transformer.disable_adapters()
             return
         if name in self._teachers:
             adapter = self._load_teacher(name)

@@ -38,6 +38,8 @@ teachers_app = typer.Typer(help="Effect-teacher LoRAs.", no_args_is_help=True)
 app.add_typer(effects_app, name="effects")
 app.add_typer(bank_app, name="demo-bank")
 app.add_typer(teachers_app, name="teachers")
+judge_app = typer.Typer(help="The effect judge.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
 SetOption = Annotated[list[str], typer.Option("--set", "-S", help="Override a value: section.key=value (YAML value).")]
@@ -116,6 +118,21 @@ def teachers_train(
 
     weights = run_teacher_train(params_from(params, set_), pairs, prompt, out, base)
     typer.echo(f"wrote {weights}")
+
+
+@judge_app.command("train")
+@one_line_errors
+def judge_train(
+    out: Annotated[Path, typer.Option(help="Folder for the judge (safetensors + JSON).")],
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Train an effect judge from the bank's own pairs (plus catalog ground truth where it exists)."""
+    from collectionlora.stages import run_judge_train
+
+    report = run_judge_train(params_from(params, set_), out)
+    accuracy = report.get("holdout", {}).get("accuracy")
+    typer.echo(f"judge for {len(report['effects'])} effects -> {out}" + (f"; hold-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
 
 
 @app.command("validate")

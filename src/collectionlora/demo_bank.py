@@ -12,6 +12,7 @@ rerun, and a larger target only trains the new effects. The bank is published in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from collectionlora.teachers import LORA_WEIGHTS, save_teacher, train_teacher
 
 BASE_POOL = 512  # general-split sources the base is pretrained on
 HOLDOUT_REPORT = "holdout_report.json"  # the judge's accuracy on held-out ground truth
+KEY_FILE = "build_key.txt"  # fingerprint of what a cached build step was computed from
 
 
 @dataclass
@@ -57,8 +59,8 @@ def build_demo_bank(params: Params, out: Path, max_effects: int | None = None) -
     staging = out.with_name(out.name + ".build")
     staging.mkdir(parents=True, exist_ok=True)
     backbone = _base(params, staging / "base")
-    judge = _judge(params, staging / "judge")
-    verdicts = _effects(params, backbone, judge, staging, target)
+    judge, judge_key = _judge(params, staging / "judge")
+    verdicts = _effects(params, backbone, judge, judge_key, staging, target)
     passed = [v for v in verdicts if v.passed]
     if len(passed) < target:
         raise BankError(
@@ -75,8 +77,13 @@ def build_demo_bank(params: Params, out: Path, max_effects: int | None = None) -
 
 
 def _base(params: Params, folder: Path) -> Backbone:
-    if not (folder / "model_index.json").is_file():
-        config = params.demo_bank
+    """The pretrained tiny base; rebuilt when its architecture or pretraining params change."""
+    config = params.demo_bank
+    key = fingerprint(
+        params.base.tiny.model_dump(), general_instructions(), params.lora.prompt_dropout, params.sampling.negative_prompt,
+        [config.seed, config.base_steps, config.base_lr, config.base_batch_size, BASE_POOL],
+    )
+    if not _cached(folder, key):
         # The base must not depend on the catalog's wording: fit on general instructions only
         # (plus the built-in editing vocabulary), so catalog changes never invalidate the base.
         pipe = build_tiny_pipeline(params.base.tiny, general_instructions(), config.seed)
@@ -88,59 +95,99 @@ def _base(params: Params, folder: Path) -> Backbone:
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         pipe.save_pretrained(partial)
+        (partial / KEY_FILE).write_text(key + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
         os.replace(partial, folder)
     return Backbone.load(params.base, folder)
 
 
-def _judge(params: Params, folder: Path) -> EffectJudge:
-    if not (folder / "judge.json").is_file():
-        config = params.judge
+def fingerprint(*parts: object) -> str:
+    """A content key for a cached build step: what it was computed from, hashed."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def effect_fingerprint(effect: Effect) -> str:
+    """Changes whenever the effect's prompt or ground-truth function changes."""
+    probe = make_sources("judge", 4, 32, 0)
+    return fingerprint(effect.id, effect.prompt, effect.stochastic, effect.apply(probe, 0).numpy().tobytes())
+
+
+def _cached(folder: Path, key: str) -> bool:
+    marker = folder / KEY_FILE
+    return marker.is_file() and marker.read_text(encoding="utf-8").strip() == key
+
+
+def _judge(params: Params, folder: Path) -> tuple[EffectJudge, str]:
+    """The catalog judge; retrained when any catalog effect or the judge params change."""
+    config = params.judge
+    key = fingerprint([effect_fingerprint(e) for e in catalog().values()], config.model_dump(), params.base.resolution)
+    if not _cached(folder, key):
         examples = procedural_examples(list(catalog()), config.procedural_per_effect, params.base.resolution, config.seed)
         judge = train_judge(examples, config, [NONE, *catalog()])
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         judge.save(partial)
-        os.replace(partial, folder)
-    judge = EffectJudge.load(folder)
-    if not (folder / HOLDOUT_REPORT).is_file():
-        config = params.judge
         report = holdout_report(judge, list(catalog()), config.holdout_per_effect, params.base.resolution, config.seed)
-        (folder / HOLDOUT_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return judge
+        (partial / HOLDOUT_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (partial / KEY_FILE).write_text(key + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    return EffectJudge.load(folder), key
 
 
-def _effects(params: Params, backbone: Backbone, judge: EffectJudge, staging: Path, target: int) -> list[EffectVerdict]:
+def _effects(
+    params: Params, backbone: Backbone, judge: EffectJudge, judge_key: str, staging: Path, target: int
+) -> list[EffectVerdict]:
+    """Teachers in build order until `target` pass. A teacher is retrained only when its effect or the
+    LoRA params change; its verdict is recomputed only when the teacher or the judge changes."""
     config = params.demo_bank
     adapters = AdapterSet(backbone.transformer)
-    size = params.base.resolution
-    check_sources = make_sources("eval", config.eval_sources, size, config.seed)
+    check_sources = make_sources("eval", config.eval_sources, params.base.resolution, config.seed)
     verdicts: list[EffectVerdict] = []
     progress = tqdm(build_order(), desc="demo-bank teachers", unit="effect")
     for effect in progress:
         if sum(v.passed for v in verdicts) >= target:
             break
         folder = staging / "effects" / effect.id
+        teacher_key = fingerprint(effect_fingerprint(effect), params.lora.model_dump(), config.pairs_per_effect, config.seed)
+        if not _cached(folder, teacher_key):
+            _train(params, backbone, adapters, effect, folder, teacher_key)
+        verdict_key = fingerprint(teacher_key, judge_key, config.model_dump(), params.sampling.model_dump())
         verdict_file = folder / "verdict.json"
-        if verdict_file.is_file():
-            verdicts.append(EffectVerdict(**json.loads(verdict_file.read_text(encoding="utf-8"))))
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        sources = make_sources("train", config.pairs_per_effect, size, stable_seed("pairs", config.seed, effect.id))
-        results = quantize(effect.apply(sources, stable_seed("pair-effect", config.seed, effect.id)))
-        verdict = _train_and_check(params, backbone, adapters, judge, effect, sources, results, check_sources, folder)
+        stored = json.loads(verdict_file.read_text(encoding="utf-8")) if verdict_file.is_file() else {}
+        if stored.get("key") != verdict_key:
+            verdict = _check(params, backbone, adapters, judge, effect, folder, check_sources)
+            verdict_file.write_text(json.dumps({"key": verdict_key, **asdict(verdict)}) + "\n", encoding="utf-8")
+        else:
+            verdict = EffectVerdict(**{k: v for k, v in stored.items() if k != "key"})
         verdicts.append(verdict)
         progress.set_postfix(effect=effect.id, rate=f"{verdict.judge_rate:.2f}", refresh=False)
     return verdicts
 
 
-def _train_and_check(params, backbone, adapters, judge, effect, sources, results, check_sources, folder) -> EffectVerdict:
-    """Train one teacher and judge its edits of held-out sources; write it only if it passes."""
+def _train(params: Params, backbone: Backbone, adapters: AdapterSet, effect: Effect, folder: Path, key: str) -> None:
+    """Make the effect's pairs and train its teacher into `folder` (teacher/, pairs/, key)."""
     config = params.demo_bank
+    sources = make_sources("train", config.pairs_per_effect, params.base.resolution, stable_seed("pairs", config.seed, effect.id))
+    results = quantize(effect.apply(sources, stable_seed("pair-effect", config.seed, effect.id)))
     weights, peft_config, _ = train_teacher(
         backbone, adapters, sources, results, effect.prompt, params.lora, params.sampling, effect.id
     )
-    teacher_file = save_teacher(weights, peft_config, folder / "teacher.partial", params.lora.save_dtype)
-    adapters.add_teacher(effect.id, teacher_file)  # the check runs the saved (save_dtype) weights
+    shutil.rmtree(folder, ignore_errors=True)
+    save_teacher(weights, peft_config, folder / "teacher", params.lora.save_dtype)
+    for i, (source, result) in enumerate(zip(sources, results)):
+        save_png(source, folder / "pairs" / f"{i:04d}_source.png")
+        save_png(result, folder / "pairs" / f"{i:04d}_result.png")
+    (folder / KEY_FILE).write_text(key + "\n", encoding="utf-8")
+
+
+def _check(params, backbone, adapters, judge, effect, folder, check_sources) -> EffectVerdict:
+    """Run the saved teacher (in its storage dtype) on held-out sources and let the judge name the edits."""
+    config = params.demo_bank
+    adapters.add_teacher(effect.id, folder / "teacher" / LORA_WEIGHTS)
     adapters.activate(effect.id)
     seeds = [stable_seed("check", config.seed, effect.id, i) for i in range(len(check_sources))]
     edited = sample_teacher(
@@ -151,21 +198,11 @@ def _train_and_check(params, backbone, adapters, judge, effect, sources, results
     adapters.drop_teacher(effect.id)
     rate = sum(p == effect.id for p in judge.predict(check_sources, edited)) / len(check_sources)
     truth = None if effect.stochastic else effect.apply(check_sources, 0)
-    verdict = EffectVerdict(
+    return EffectVerdict(
         effect.id, effect.category, effect.stochastic, rate,
         None if truth is None else round(float(psnr(edited, truth).mean()), 2),
         rate >= config.teacher_pass_rate,
     )
-    if verdict.passed:
-        os.replace(teacher_file.parent, folder / "teacher")
-        for i, (source, result) in enumerate(zip(sources, results)):
-            save_png(source, folder / "pairs" / f"{i:04d}_source.png")
-            save_png(result, folder / "pairs" / f"{i:04d}_result.png")
-    else:
-        shutil.rmtree(teacher_file.parent)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "verdict.json").write_text(json.dumps(asdict(verdict)) + "\n", encoding="utf-8")
-    return verdict
 
 
 def _write_sources(params: Params, staging: Path) -> None:
@@ -185,7 +222,7 @@ def _publish(staging: Path, out: Path, passed: list[EffectVerdict]) -> None:
     fresh = out.with_name(out.name + ".publish")
     shutil.rmtree(fresh, ignore_errors=True)
     for name in ("base", "judge", "general", "eval"):
-        shutil.copytree(staging / name, fresh / name)
+        shutil.copytree(staging / name, fresh / name, ignore=shutil.ignore_patterns(KEY_FILE))
     for manifest in [*staging.glob("bank*.yaml"), staging / "build_report.json"]:
         shutil.copy2(manifest, fresh / manifest.name)
     for verdict in passed:

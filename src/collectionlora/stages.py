@@ -5,12 +5,15 @@ Each takes typed config sections and explicit paths; none reads params.yaml itse
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from collectionlora.adapters import NONE, AdapterSet
 from collectionlora.bank import load_bank, read_pair_folder
 from collectionlora.config import Params
 from collectionlora.errors import BankError
+from collectionlora.evaluate.judge import NONE as NONE_LABEL
+from collectionlora.evaluate.judge import examples_from_pairs, holdout_report, procedural_examples, train_judge
 from collectionlora.effects import catalog
 from collectionlora.effects.base import stable_seed
 from collectionlora.images import grid, save_png
@@ -19,7 +22,7 @@ from collectionlora.sampling import sample_teacher
 from collectionlora.teachers import save_teacher, train_teacher
 from collectionlora.validate import run_validate
 
-__all__ = ["run_preview", "run_teacher_train", "run_validate"]
+__all__ = ["run_judge_train", "run_preview", "run_teacher_train", "run_validate"]
 
 
 def run_preview(params: Params, out: Path) -> Path:
@@ -61,3 +64,23 @@ def run_teacher_train(params: Params, pairs: Path, prompt: str, out: Path, base:
         backbone, adapters, sources, results, prompt, params.lora, params.sampling, Path(out).name
     )
     return save_teacher(weights, peft_config, Path(out), params.lora.save_dtype)
+
+
+def run_judge_train(params: Params, out: Path) -> dict:
+    """Train an effect judge for the bank: its own pairs (+ unedited pairs), plus procedural ground
+    truth for effects that come from the catalog. A user's own effects need nothing but their pairs.
+    Writes the judge to `out` and returns its hold-out report (catalog effects only have one)."""
+    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    pairs = {effect.id: bank.load_pairs(effect) for effect in bank.effects}
+    examples = examples_from_pairs(pairs)
+    known = [effect_id for effect_id in pairs if effect_id in catalog()]
+    if known:
+        size, config = params.bank.image_size, params.judge
+        examples = examples + procedural_examples(known, config.procedural_per_effect, size, config.seed)
+    judge = train_judge(examples, params.judge, [NONE_LABEL, *pairs])
+    judge.save(out)
+    report = {"effects": list(pairs), "catalog_effects": known}
+    if known:
+        report["holdout"] = holdout_report(judge, known, params.judge.holdout_per_effect, params.bank.image_size, params.judge.seed)
+    (Path(out) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,8 +47,13 @@ def grayscale(x: Tensor) -> Tensor:
 
 
 def solarize(x: Tensor) -> Tensor:
-    """A tent curve: tones brighten up to mid-grey, then invert, so every tone changes."""
-    return 1.0 - (2.0 * x - 1.0).abs()
+    """A cosine curve with two tone reversals, so even an all-dark photo is partly reversed."""
+    return 0.5 - 0.5 * torch.cos(3 * math.pi * x)
+
+
+def high_contrast(x: Tensor) -> Tensor:
+    """A smooth S-curve: stronger contrast without the clipping that mimics a saturation boost."""
+    return 0.5 + 0.5 * torch.tanh(3.0 * (x - 0.5)) / math.tanh(1.5)
 
 
 def bleach_bypass(x: Tensor) -> Tensor:
@@ -96,11 +102,11 @@ EFFECTS: tuple[Effect, ...] = (
     Effect("random_duotone", "colour", "Recolour the photo as a two-tone print in a bold colour pair", True, random_duotone),
     Effect("brighten", "tone", "Brighten the photo as if it were overexposed", False, lambda x: x * 1.5),
     Effect("darken", "tone", "Darken the photo as if it were underexposed", False, lambda x: x * 0.55),
-    Effect("high_contrast", "tone", "Crank up the contrast", False, lambda x: (x - 0.5) * 1.6 + 0.5),
+    Effect("high_contrast", "tone", "Crank up the contrast", False, high_contrast),
     Effect("low_contrast", "tone", "Flatten the contrast into a faded grey matte look", False, lambda x: x * 0.5 + 0.25),
     Effect("lift_shadows", "tone", "Lift the shadows to reveal detail in the dark areas", False, lambda x: x.clamp(0, 1) ** 0.5),
     Effect("deepen_shadows", "tone", "Deepen the shadows while keeping the highlights bright", False, lambda x: x**2),
-    Effect("solarize", "tone", "Solarize the photo like a darkroom experiment", False, solarize),
+    Effect("solarize", "tone", "Solarize the photo with psychedelic tone reversals", False, solarize),
     Effect("bleach_bypass", "tone", "Give the photo a gritty, desaturated bleach-bypass look", False, bleach_bypass),
     Effect(
         "cross_process",

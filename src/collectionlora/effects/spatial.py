@@ -32,7 +32,7 @@ def tilt_shift(x: Tensor) -> Tensor:
 
 def soft_glow(x: Tensor) -> Tensor:
     """A wide pink-tinged bloom: spatial and coloured, unlike a plain shadow lift."""
-    return screen(x, 0.7 * blur(x, 3.0) * rgb((1.0, 0.8, 0.88)))
+    return screen(x, 0.8 * blur(x, 3.0) * rgb((1.0, 0.65, 0.8)))
 
 
 def vignette_dark(x: Tensor) -> Tensor:

@@ -124,26 +124,47 @@ def procedural_examples(
     return _labelled(groups)
 
 
-def colour_fit(sources: Tensor, results: Tensor) -> Tensor:
-    """Per-pair ridge fit of result ~ A @ source + b over all pixels, and the fit's RMS residual: [B, 13].
+def _ridge(inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched ridge regression of targets [B, P, T] on inputs [B, P, K]: coefficients [B, K, T], RMS residual [B]."""
+    gram = inputs.transpose(1, 2) @ inputs + RIDGE * inputs.shape[1] * torch.eye(inputs.shape[2])
+    coefficients = torch.linalg.solve(gram, inputs.transpose(1, 2) @ targets)
+    residual = (targets - inputs @ coefficients).pow(2).mean((1, 2)).sqrt()
+    return coefficients, residual
 
-    Global colour edits (channel swaps, tints, grey, sepia, contrast) are exact affine maps, so these
-    13 numbers name them directly where convolutions would have to estimate them from pixels.
-    """
-    x = torch.cat((sources.flatten(2), torch.ones_like(sources[:, :1].flatten(2))), 1).transpose(1, 2)  # [B, P, 4]
-    y = results.flatten(2).transpose(1, 2)  # [B, P, 3]
-    gram = x.transpose(1, 2) @ x + RIDGE * x.shape[1] * torch.eye(4)
-    coefficients = torch.linalg.solve(gram, x.transpose(1, 2) @ y)  # [B, 4, 3]
-    residual = (y - x @ coefficients).pow(2).mean((1, 2)).sqrt()
-    return torch.cat((coefficients.flatten(1), residual[:, None] * 10), 1)
+
+def global_fit(sources: Tensor, results: Tensor) -> Tensor:
+    """Two per-pair fits over all pixels, as [B, 30] features: result ~ A @ source + b (colour matrices:
+    channel swaps, tints, grey, sepia, contrast) and a per-channel cubic tone curve (gamma, solarize),
+    each with its RMS residual (large for spatial edits), and the mean and spread of the source's and
+    result's chroma (zero for grey). These name global edits directly where
+    convolutions would have to estimate them from pixels."""
+    s = sources.flatten(2).transpose(1, 2)  # [B, P, 3]
+    r = results.flatten(2).transpose(1, 2)
+    ones = torch.ones_like(s[..., :1])
+    matrix, matrix_residual = _ridge(torch.cat((s, ones), -1), r)
+    channels = s.transpose(1, 2).reshape(-1, s.shape[1], 1)  # [B * 3, P, 1]
+    powers = torch.cat((torch.ones_like(channels), channels, channels**2, channels**3), -1)
+    curve, curve_residual = _ridge(powers, r.transpose(1, 2).reshape(-1, r.shape[1], 1))
+    curve_residual = curve_residual.view(-1, 3).pow(2).mean(1).sqrt()
+    chroma = [(x.amax(1) - x.amin(1)).flatten(1) for x in (sources, results)]  # grey pixels have none
+    return torch.cat(
+        (
+            matrix.flatten(1),
+            curve.view(-1, 12),
+            10 * matrix_residual[:, None],
+            10 * curve_residual[:, None],
+            *(torch.stack((c.mean(1), c.std(1)), 1) for c in chroma),
+        ),
+        1,
+    )
 
 
 class JudgeNet(nn.Module):
     """Conv stack over (source, result, result - source), pooled to a 4x4 map so position still counts
-    (frames, letterboxes, corner badges), joined by the global colour fit before the classifier head."""
+    (frames, letterboxes, corner badges), joined by the global fits before the classifier head."""
 
     IN_CHANNELS = 9
-    FIT_FEATURES = 13
+    FIT_FEATURES = 30
 
     def __init__(self, width: int, n_labels: int) -> None:
         super().__init__()
@@ -162,7 +183,7 @@ class JudgeNet(nn.Module):
 
     def forward(self, sources: Tensor, results: Tensor) -> Tensor:
         inputs = torch.cat((sources * 2 - 1, results * 2 - 1, (results - sources) * 2), dim=1)
-        joined = torch.cat((self.features(inputs), self.fit(colour_fit(sources, results))), dim=1)
+        joined = torch.cat((self.features(inputs), self.fit(global_fit(sources, results))), dim=1)
         return self.head(joined)
 
 
