@@ -22,6 +22,15 @@ EFFECTS = ["grayscale", "vignette", "film_grain", "colour_frame", "pixelate"]
 LABELS = [*EFFECTS, NONE]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Training on 2 shared cores: two torch threads contending with another job slow it many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def quick_config(**update) -> JudgeConfig:
     judge = load_params(Path(__file__).parents[1] / "params.yaml").judge
     return judge.model_copy(update={"steps": 120, "width": 16, "procedural_per_effect": 64, **update})
@@ -122,3 +131,12 @@ def test_user_pairs_are_validated():
         examples_from_pairs({"odd": (sources, sources[:2])})
     with pytest.raises(ValueError):
         examples_from_pairs({})
+
+
+def test_examples_combine_under_shared_names():
+    sources = make_sources("train", 4, 32, seed=0)
+    own = examples_from_pairs({"user_tint": (sources, sources * 0.5)})
+    both = own + procedural_examples(["grayscale"], 4, 32, seed=0)
+    assert both.names == ("user_tint", NONE, "grayscale")
+    assert len(both) == len(own) + 8
+    assert both.label_names().count(NONE) == 4 + 4

@@ -35,7 +35,8 @@ def catalog() -> dict[str, Effect]:
 def get_effect(effect_id: str) -> Effect:
     effects = catalog()
     if effect_id not in effects:
-        raise ValueError(f"unknown effect {effect_id!r}: `collectionlora effects list` shows the {len(effects)} known ids")
+        known = len(effects)
+        raise ValueError(f"unknown effect {effect_id!r}: `collectionlora effects list` shows the {known} known ids")
     return effects[effect_id]
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+CELL = 4  # token-sized cells: the edit model sees images as 4x4-pixel patches
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 RGB = tuple[float, float, float]
 

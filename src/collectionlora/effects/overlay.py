@@ -6,12 +6,14 @@ import torch
 from torch import Tensor
 
 from collectionlora.effects.base import DeterministicTransform, Effect, ItemRandom
-from collectionlora.effects.ops import RGB, border_mask, discs, lerp, paint, pick, pixel_grid, rgb, segments
+from collectionlora.effects.ops import CELL, RGB, border_mask, discs, paint, pick, pixel_grid, rgb, segments
 
-CELL = 4  # token-sized cells: the edit model sees images as 4x4-pixel patches
 SATURATED = rgb(
-    [(0.9, 0.1, 0.1), (0.1, 0.75, 0.2), (0.1, 0.3, 0.95), (1.0, 0.85, 0.1), (0.9, 0.1, 0.8), (0.1, 0.85, 0.9), (1.0, 0.5, 0.05)]
-)
+    [
+        (0.9, 0.1, 0.1), (0.1, 0.75, 0.2), (0.1, 0.3, 0.95), (1.0, 0.85, 0.1),
+        (0.9, 0.1, 0.8), (0.1, 0.85, 0.9), (1.0, 0.5, 0.05),
+    ]
+)  # fmt: skip
 WHITE, BLACK = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
 
 
@@ -137,7 +139,8 @@ def random_stripes(x: Tensor, rng: ItemRandom) -> Tensor:
     """Translucent white stripes: horizontal, vertical or either diagonal, with a random phase."""
     ys, xs = pixel_grid(x)
     direction = rng.integers(4).view(-1, 1, 1, 1)
-    coordinate = torch.where(direction == 0, ys, torch.where(direction == 1, xs, torch.where(direction == 2, ys + xs, ys - xs)))
+    diagonal = torch.where(direction == 2, ys + xs, ys - xs)
+    coordinate = torch.where(direction == 0, ys, torch.where(direction == 1, xs, diagonal))
     phase = rng.integers(2 * CELL).view(-1, 1, 1, 1)
     stripes = ((coordinate + phase) % (2 * CELL) < 3).float()
     return paint(x, rgb(WHITE), 0.6 * stripes)
@@ -197,8 +200,20 @@ def scribbles(x: Tensor, rng: ItemRandom) -> Tensor:
 EFFECTS: tuple[Effect, ...] = (
     Effect("white_border", "frame", "Add a thin white border around the photo", False, frame(WHITE, 2, 2, 2, 2)),
     Effect("black_border", "frame", "Frame the photo with a thick black border", False, frame(BLACK, 4, 4, 4, 4)),
-    Effect("polaroid", "frame", "Make it a polaroid print with a wide white strip at the bottom", False, frame((0.97, 0.96, 0.92), 2, 2, 8, 2)),
-    Effect("letterbox", "frame", "Add black cinematic letterbox bars at the top and bottom", False, frame(BLACK, 4, 0, 4, 0)),
+    Effect(
+        "polaroid",
+        "frame",
+        "Make it a polaroid print with a wide white strip at the bottom",
+        False,
+        frame((0.97, 0.96, 0.92), 2, 2, 8, 2),
+    ),
+    Effect(
+        "letterbox",
+        "frame",
+        "Add black cinematic letterbox bars at the top and bottom",
+        False,
+        frame(BLACK, 4, 0, 4, 0),
+    ),
     Effect("rounded_corners", "frame", "Round off the corners of the photo with black", False, rounded_corners),
     Effect("double_border", "frame", "Add a double frame, black outside and white inside", False, double_border),
     Effect("viewfinder", "frame", "Add white camera viewfinder marks in the corners and centre", False, viewfinder),
@@ -209,9 +224,13 @@ EFFECTS: tuple[Effect, ...] = (
     Effect("heart_sticker", "overlay", "Put a pink heart sticker somewhere on the photo", True, heart_sticker),
     Effect("polka_dots", "overlay", "Cover the photo with a pattern of coloured polka dots", True, polka_dots),
     Effect("confetti", "overlay", "Scatter colourful confetti over the photo", True, confetti),
-    Effect("colour_block", "overlay", "Lay a translucent coloured rectangle over part of the photo", True, colour_block),
+    Effect(
+        "colour_block", "overlay", "Lay a translucent coloured rectangle over part of the photo", True, colour_block
+    ),
     Effect("colour_checker", "overlay", "Overlay a translucent coloured chequerboard", True, colour_checker),
-    Effect("random_stripes", "overlay", "Overlay translucent white stripes running in any direction", True, random_stripes),
+    Effect(
+        "random_stripes", "overlay", "Overlay translucent white stripes running in any direction", True, random_stripes
+    ),
     Effect("sparkles", "overlay", "Sprinkle golden sparkles across the photo", True, sparkles),
     Effect("bubbles", "overlay", "Float a few soap bubbles over the photo", True, bubbles),
     Effect("paint_splatter", "overlay", "Splatter blobs of bright paint onto the photo", True, paint_splatter),

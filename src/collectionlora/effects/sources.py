@@ -32,9 +32,8 @@ def make_sources(split: str, count: int, size: int, seed: int) -> Tensor:
         raise ValueError(f"source count must be at least 1, got {count}")
     if size < 8:
         raise ValueError(f"source size must be at least 8 pixels, got {size}")
-    params = torch.stack(
-        [torch.rand(PARAMS, generator=torch.Generator().manual_seed(stable_seed("source", seed, split, i))) for i in range(count)]
-    )
+    generators = [torch.Generator().manual_seed(stable_seed("source", seed, split, i)) for i in range(count)]
+    params = torch.stack([torch.rand(PARAMS, generator=g) for g in generators])
     return quantize(_render(params, size))
 
 

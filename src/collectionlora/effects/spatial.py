@@ -31,8 +31,8 @@ def tilt_shift(x: Tensor) -> Tensor:
 
 
 def soft_glow(x: Tensor) -> Tensor:
-    """A wide pink-tinged bloom: spatial and coloured, unlike a plain shadow lift."""
-    return screen(x, 0.8 * blur(x, 3.0) * rgb((1.0, 0.65, 0.8)))
+    """Soft focus under a wide pink-tinged bloom: blurred and coloured, unlike a plain shadow lift."""
+    return screen(blur(x, 1.2), 0.8 * blur(x, 3.0) * rgb((1.0, 0.65, 0.8)))
 
 
 def vignette_dark(x: Tensor) -> Tensor:
@@ -109,16 +109,52 @@ def fireflies(x: Tensor, rng: ItemRandom) -> Tensor:
 
 EFFECTS: tuple[Effect, ...] = (
     Effect("blur", "blur", "Blur the photo softly as if it were out of focus", False, lambda x: blur(x, 2.0)),
-    Effect("tilt_shift", "blur", "Apply a tilt-shift look: a sharp middle band with blurred top and bottom", False, tilt_shift),
+    Effect(
+        "tilt_shift",
+        "blur",
+        "Apply a tilt-shift look: a sharp middle band with blurred top and bottom",
+        False,
+        tilt_shift,
+    ),
     Effect("soft_glow", "blur", "Add a dreamy soft glow that blooms around the highlights", False, soft_glow),
     Effect("pixelate", "stylize", "Pixelate the photo into chunky 4-pixel blocks", False, lambda x: block_mean(x, 4)),
-    Effect("mosaic", "stylize", "Turn the photo into a coarse mosaic of large 8-pixel tiles", False, lambda x: block_mean(x, 8)),
+    Effect(
+        "mosaic",
+        "stylize",
+        "Turn the photo into a coarse mosaic of large 8-pixel tiles",
+        False,
+        lambda x: block_mean(x, 8),
+    ),
     Effect("vignette", "light", "Add a dark vignette around the edges", False, vignette_dark),
     Effect("white_vignette", "light", "Fade the edges of the photo to white", False, vignette_white),
-    Effect("warm_spotlight", "light", "Light the centre with a warm spotlight and let the edges fall into shadow", False, warm_spotlight),
-    Effect("graduated_filter", "light", "Darken the sky with a graduated filter over the top of the photo", False, graduated_filter),
-    Effect("sunset_gradient", "light", "Wash the photo with a sunset gradient from orange at the top to purple below", False, sunset_gradient),
-    Effect("rainbow_gradient", "light", "Overlay a soft rainbow gradient running from left to right", False, rainbow_gradient),
+    Effect(
+        "warm_spotlight",
+        "light",
+        "Light the centre with a warm spotlight and let the edges fall into shadow",
+        False,
+        warm_spotlight,
+    ),
+    Effect(
+        "graduated_filter",
+        "light",
+        "Darken the sky with a graduated filter over the top of the photo",
+        False,
+        graduated_filter,
+    ),
+    Effect(
+        "sunset_gradient",
+        "light",
+        "Wash the photo with a sunset gradient from orange at the top to purple below",
+        False,
+        sunset_gradient,
+    ),
+    Effect(
+        "rainbow_gradient",
+        "light",
+        "Overlay a soft rainbow gradient running from left to right",
+        False,
+        rainbow_gradient,
+    ),
     Effect("colour_vignette", "light", "Surround the photo with a strongly coloured vignette", True, colour_vignette),
     Effect("light_leak", "light", "Add a warm orange light leak bleeding in from one edge", True, light_leak),
     Effect("bokeh", "light", "Add soft out-of-focus bokeh lights over a dreamy background", True, bokeh),

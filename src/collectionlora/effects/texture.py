@@ -10,6 +10,7 @@ from torch import Tensor
 from collectionlora.effects.base import Effect, ItemRandom
 from collectionlora.effects.colour import SEPIA_MATRIX
 from collectionlora.effects.ops import (
+    CELL,
     block_mean,
     blur,
     lerp,
@@ -21,8 +22,6 @@ from collectionlora.effects.ops import (
     smooth_field,
     upsample_blocks,
 )
-
-CELL = 4  # token-sized cells: the edit model sees images as 4x4-pixel patches
 
 
 def film_grain(x: Tensor, rng: ItemRandom) -> Tensor:
@@ -116,13 +115,27 @@ def halftone(x: Tensor) -> Tensor:
 EFFECTS: tuple[Effect, ...] = (
     Effect("halftone", "stylize", "Turn the photo into a black-and-white halftone newspaper print", False, halftone),
     Effect("film_grain", "texture", "Add heavy monochrome film grain", True, film_grain),
-    Effect("colour_noise", "texture", "Add colourful digital sensor noise as if shot at very high ISO", True, colour_noise),
-    Effect("salt_and_pepper", "texture", "Sprinkle salt-and-pepper noise of black and white pixels", True, salt_and_pepper),
+    Effect(
+        "colour_noise", "texture", "Add colourful digital sensor noise as if shot at very high ISO", True, colour_noise
+    ),
+    Effect(
+        "salt_and_pepper", "texture", "Sprinkle salt-and-pepper noise of black and white pixels", True, salt_and_pepper
+    ),
     Effect("snow", "texture", "Make it a cold winter scene with snowflakes falling", True, snow),
     Effect("fog", "texture", "Roll patchy fog across the scene", True, fog),
-    Effect("watercolour", "texture", "Paint the photo as a soft watercolour with blotchy colour stains", True, watercolour),
-    Effect("stained_glass", "stylize", "Turn the photo into a stained-glass window of small tinted tiles", True, stained_glass),
+    Effect(
+        "watercolour", "texture", "Paint the photo as a soft watercolour with blotchy colour stains", True, watercolour
+    ),
+    Effect(
+        "stained_glass",
+        "stylize",
+        "Turn the photo into a stained-glass window of small tinted tiles",
+        True,
+        stained_glass,
+    ),
     Effect("rain", "texture", "Make it a gloomy rainy day with streaks of falling rain", True, rain),
     Effect("old_film", "texture", "Age the photo like a scratched, dusty old film reel", True, old_film),
-    Effect("glitch_bands", "texture", "Add digital glitch bands of scrambled colour across the photo", True, glitch_bands),
+    Effect(
+        "glitch_bands", "texture", "Add digital glitch bands of scrambled colour across the photo", True, glitch_bands
+    ),
 )

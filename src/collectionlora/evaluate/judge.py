@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +119,8 @@ def procedural_examples(
     for effect_id in effect_ids:
         effect = get_effect(effect_id)
         sources = make_sources(split, per_effect, size, stable_seed("judge-sources", seed, effect_id))
-        groups.append((effect_id, sources, quantize(effect.apply(sources, stable_seed("judge-effect", seed, effect_id)))))
+        results = quantize(effect.apply(sources, stable_seed("judge-effect", seed, effect_id)))
+        groups.append((effect_id, sources, results))
     groups.append(_unedited(make_sources(split, per_effect, size, stable_seed("judge-none", seed)), per_effect))
     return _labelled(groups)
 
@@ -226,7 +227,9 @@ class EffectJudge:
             raise JudgeFileError(f"{meta_path}: cannot read judge metadata ({error})") from error
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise JudgeFileError(f"{meta_path}: not an effect judge (expected format {FORMAT!r})")
-        labels, width = meta.get("labels"), meta.get("architecture", {}).get("width")
+        architecture = meta.get("architecture")
+        labels = meta.get("labels")
+        width = architecture.get("width") if isinstance(architecture, dict) else None
         if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels):
             raise JudgeFileError(f"{meta_path}: labels must be a non-empty list of strings")
         if not isinstance(width, int) or width < 1:
@@ -276,7 +279,7 @@ def train_judge(examples: JudgeExamples, config: JudgeConfig, labels: Sequence[s
     return EffectJudge(net, labels, config.width)
 
 
-def _batches(count: int, batch_size: int, generator: torch.Generator):
+def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Endless shuffled epochs of example indices, cut into batches of `batch_size` (wrapping epochs)."""
     pending = torch.empty(0, dtype=torch.long)
     while True:
