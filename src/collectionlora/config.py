@@ -100,7 +100,6 @@ class JudgeConfig(Section):
 
 class DemoBankConfig(Section):
     seed: int
-    size: str
     sizes: dict[str, int]
     pairs_per_effect: int = Field(ge=2)
     general_sources: int = Field(ge=1)
@@ -112,12 +111,11 @@ class DemoBankConfig(Section):
     teacher_check_cfg_scale: float = Field(ge=1.0)
     teacher_pass_rate: float = Field(ge=0, le=1)
 
-    @field_validator("size")
+    @field_validator("sizes")
     @classmethod
-    def _known_size(cls, value: str, info) -> str:
-        sizes = info.data.get("sizes")
-        if sizes is not None and value not in sizes:
-            raise ValueError(f"must be one of {sorted(sizes)}, got {value!r}")
+    def _has_default(cls, value: dict[str, int]) -> dict[str, int]:
+        if "default" not in value or any(n < 1 for n in value.values()):
+            raise ValueError("needs a 'default' size and positive sizes")
         return value
 
 

@@ -234,10 +234,23 @@ def _publish(staging: Path, out: Path, passed: list[EffectVerdict]) -> None:
 
 
 def build_order() -> list[Effect]:
-    """Catalog effects interleaved across categories, so any prefix of the bank is varied: the
-    default bank is the first passing effects, the larger bank extends it."""
+    """Catalog effects in the order the bank takes them, so that any prefix is varied: categories
+    interleaved, and one stochastic effect after every two deterministic ones (the few-step half of
+    the method is only tested by stochastic effects). The default bank is the first passing
+    effects; the larger bank extends it."""
+    effects = list(catalog().values())
+    deterministic = _interleave([e for e in effects if not e.stochastic])
+    stochastic = _interleave([e for e in effects if e.stochastic])
+    order = []
+    while deterministic or stochastic:
+        order += deterministic[:2] + stochastic[:1]
+        deterministic, stochastic = deterministic[2:], stochastic[1:]
+    return order
+
+
+def _interleave(effects: list[Effect]) -> list[Effect]:
     by_category: dict[str, list[Effect]] = {}
-    for effect in catalog().values():
+    for effect in effects:
         by_category.setdefault(effect.category, []).append(effect)
     order = []
     while any(by_category.values()):

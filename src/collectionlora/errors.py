@@ -15,3 +15,7 @@ class BankError(CollectionLoraError):
 
 class LoraFileError(BankError):
     """A LoRA file cannot be used: not safetensors, truncated, bad keys or shapes, non-finite values."""
+
+
+class JudgeFileError(CollectionLoraError):
+    """A saved effect judge cannot be loaded: missing or malformed files, wrong tensors."""

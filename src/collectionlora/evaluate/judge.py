@@ -22,7 +22,7 @@ from collectionlora.config import JudgeConfig
 from collectionlora.effects.base import stable_seed
 from collectionlora.effects.catalog import get_effect
 from collectionlora.effects.sources import make_sources
-from collectionlora.errors import CollectionLoraError
+from collectionlora.errors import JudgeFileError
 from collectionlora.images import quantize
 
 NONE = "none"
@@ -30,10 +30,6 @@ WEIGHTS_FILE, META_FILE = "judge.safetensors", "judge.json"
 FORMAT = "collectionlora-effect-judge/1"
 PREDICT_CHUNK = 512
 RIDGE = 1e-3  # ridge weight of the colour fit, per pixel
-
-
-class JudgeFileError(CollectionLoraError):
-    """A saved judge cannot be loaded: missing or malformed files, wrong tensors."""
 
 
 @dataclass(frozen=True)
