@@ -39,7 +39,8 @@ from collectionlora.config import Params, load_params  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # CI-sized versions of params.yaml: the same code, a 2-layer model and a few steps per stage.
 TINY_OVERRIDES = {
-    "base": {"tiny": {"num_layers": 2}},
+    # One torch thread: on 2 shared cores, two processes with 2 threads each slow down many times over.
+    "base": {"tiny": {"num_layers": 2}, "threads": 1},
     "sampling": {"teacher_steps": 4},
     "lora": {"rank": 4, "alpha": 4, "steps": 20, "batch_size": 4},
     "judge": {"steps": 60, "procedural_per_effect": 16, "holdout_per_effect": 4},

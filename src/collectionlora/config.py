@@ -128,6 +128,7 @@ class BankConfig(Section):
 
 class DemoConfig(Section):
     eval_images: int = Field(ge=1)
+    grid_scale: int = Field(ge=1)
     out: Path
 
 

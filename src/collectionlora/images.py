@@ -51,8 +51,10 @@ def load_png(path: Path, size: int | None = None) -> torch.Tensor:
         raise BankError(f"{path}: unreadable image ({error})") from error
 
 
-def grid(rows: list[list[torch.Tensor]], pad: int = 2) -> torch.Tensor:
-    """Tile equally sized [3, H, W] images row by row with a white gap."""
+def grid(rows: list[list[torch.Tensor]], pad: int = 2, scale: int = 1) -> torch.Tensor:
+    """Tile equally sized [3, H, W] images row by row with a white gap, each enlarged `scale` times
+    (nearest neighbour, so 32x32 edits stay readable and unsmoothed)."""
+    rows = [[image.repeat_interleave(scale, -1).repeat_interleave(scale, -2) for image in row] for row in rows]
     height, width = rows[0][0].shape[-2:]
     columns = max(len(r) for r in rows)
     canvas = torch.ones(3, len(rows) * (height + pad) + pad, columns * (width + pad) + pad)

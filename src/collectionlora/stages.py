@@ -48,7 +48,7 @@ def run_preview(params: Params, out: Path) -> Path:
         rows.append(row)
     adapters.activate(NONE)
     out = Path(out)
-    save_png(grid(rows), out)
+    save_png(grid(rows, scale=params.demo.grid_scale), out)
     return out
 
 
