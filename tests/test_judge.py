@@ -140,3 +140,19 @@ def test_examples_combine_under_shared_names():
     assert both.names == ("user_tint", NONE, "grayscale")
     assert len(both) == len(own) + 8
     assert both.label_names().count(NONE) == 4 + 4
+
+
+def test_judge_train_stage_on_a_bank(valid_bank, tmp_path):
+    """`collectionlora judge train`: the bank's pairs plus catalog ground truth, saved and reported."""
+    from collectionlora.stages import run_judge_train
+
+    params = load_params(Path(__file__).parents[1] / "params.yaml")
+    params = params.model_copy(update={
+        "bank": params.bank.model_copy(update={"root": valid_bank.parent, "manifest": valid_bank}),
+        "judge": quick_config(steps=10, procedural_per_effect=8, holdout_per_effect=2),
+    })
+    report = run_judge_train(params, tmp_path / "judge")
+    judge = EffectJudge.load(tmp_path / "judge")
+    assert judge.labels == [NONE, *report["effects"]]
+    assert report["catalog_effects"] == [e for e in report["effects"] if e in {"sepia", "blur", "invert"}]
+    assert 0.0 <= report["holdout"]["accuracy"] <= 1.0
