@@ -50,8 +50,11 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+THREADS: dict = {}
+
+
 def tiny_backbone(folder: Path) -> Backbone:
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml", {"base": THREADS})
     if not (folder / "model_index.json").exists():
         build_tiny_pipeline(params.base.tiny, general_instructions(), seed=0).save_pretrained(folder)
     return Backbone.load(params.base, folder)
@@ -152,7 +155,8 @@ def memory(workdir: Path) -> dict:
     for mode in ("lazy_slots", "resident_adapters"):
         for count in (5, 50):
             out = subprocess.run(
-                [sys.executable, __file__, "--memory-case", mode, str(count), "--workdir", str(workdir)],
+                [sys.executable, __file__, "--memory-case", mode, str(count), "--workdir", str(workdir),
+                 *(["--threads", str(THREADS["threads"])] if THREADS else [])],
                 check=True, capture_output=True, text=True,
             ).stdout.strip().splitlines()[-1]
             results[f"{mode}_{count}_mb"] = float(out)
@@ -165,8 +169,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "benchmarks" / "foundation.json")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--threads", type=int, help="torch threads (default: base.threads)")
     parser.add_argument("--memory-case", nargs=2, metavar=("MODE", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        THREADS["threads"] = args.threads
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="clora-bench-"))
     if args.memory_case:
         print(memory_case(workdir, args.memory_case[0], int(args.memory_case[1])))

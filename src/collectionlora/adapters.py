@@ -76,10 +76,10 @@ class AdapterSet:
         return self.transformer.peft_config[name].to_dict()
 
     def remove(self, name: str) -> None:
+        if self.active == name:
+            self.activate(NONE)
         self.transformer.delete_adapters(name)
         self._trainable.pop(name, None)
-        if self.active == name:
-            self.active = NONE
         self._apply(self.active)
         self._restore_grad_rule()
 
