@@ -101,7 +101,7 @@ def test_teachers_share_slots_so_memory_does_not_grow(backbone, tmp_path):
         adapters.activate(f"t{i}")
         outputs.append(velocity(backbone))
     assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[1], outputs[2])
-    assert adapters.loads == 3
+    assert adapters.loads == 3 and adapters.switches == 3
 
 
 def test_requires_grad_discipline(backbone, teacher_files):

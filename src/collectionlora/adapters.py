@@ -46,8 +46,8 @@ class AdapterSet:
         self._slot_content: dict[str, str] = {}
         self._slot_by_signature: dict[str, str] = {}
         self.active = NONE
-        self.switches = 0
-        self.loads = 0
+        self.switches = 0  # activations that changed the active adapter (cost accounting)
+        self.loads = 0  # teacher weights copied into a slot
         self._base_shapes = lorafile.base_linear_shapes(transformer)
 
     # ---- trainable adapters -------------------------------------------------------------------
@@ -61,11 +61,6 @@ class AdapterSet:
         self._trainable[name] = [p for n, p in self.transformer.named_parameters() if f".{name}." in n]
         self._apply(self.active)  # peft activates a newly added adapter; keep the current one
         self._restore_grad_rule()
-        return self._trainable[name]
-
-    def parameters(self, name: str) -> list[torch.nn.Parameter]:
-        if name not in self._trainable:
-            raise KeyError(f"no trainable adapter named {name!r}")
         return self._trainable[name]
 
     def lora_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -117,9 +112,6 @@ class AdapterSet:
             del self._slot_content[teacher.slot]
         if self.active == name:
             self.activate(NONE)
-
-    def teacher_names(self) -> list[str]:
-        return list(self._teachers)
 
     # ---- switching ----------------------------------------------------------------------------
     def activate(self, name: str) -> None:

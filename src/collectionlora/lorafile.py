@@ -101,12 +101,6 @@ class LoraWeights:
     def alphas(self) -> dict[str, float]:
         return {name: m.alpha for name, m in self.modules.items()}
 
-    def pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one module, read from the file now."""
-        entry = self.modules[module]
-        tensors = self._read([entry.a_key, entry.b_key])
-        return tensors[entry.a_key], tensors[entry.b_key]
-
     def pairs(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """(module, A, B) for every module, one module in memory at a time."""
         if self._tensors is not None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 import collectionlora.models.pixel_vae  # noqa: F401  (diffusers resolves the embedded VAE class by module)
 from collectionlora.config import BaseConfig
@@ -39,10 +41,6 @@ class PromptEmbeds:
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
-
-    def repeat(self, times: int) -> "PromptEmbeds":
-        mask = None if self.mask is None else self.mask.repeat(times, 1)
-        return PromptEmbeds(self.embeds.repeat(times, 1, 1), mask)
 
     @staticmethod
     def stack(rows: list[torch.Tensor]) -> "PromptEmbeds":
@@ -113,7 +111,8 @@ class Backbone:
         if not (location / "model_index.json").is_file():
             raise ConfigError(f"{location}: no model_index.json (base.model / base.path must name a diffusers pipeline folder)")
         extra = {"processor": load_processor(location)} if processor_needs_workaround() else {}
-        pipe = pipeline_class.from_pretrained(location, dtype=dtype, **extra)
+        with _quiet_embedded_load(embedded):
+            pipe = pipeline_class.from_pretrained(location, dtype=dtype, **extra)
         pipe.to(config.device)
         return cls(pipe, config, embedded)
 
@@ -146,9 +145,6 @@ class Backbone:
         condition = self.pipe.image_processor.resize(pil, height, width)
         embeds, _ = self.pipe.encode_prompt(prompt=[prompt], image=[condition], device=self.device)
         return embeds[0].to(self.dtype)
-
-    def clear_prompt_cache(self) -> None:
-        self._prompt_cache.clear()
 
     # ---- images <-> packed latents -------------------------------------------------------------
     @property
@@ -227,6 +223,25 @@ class Backbone:
 
     def predict_x0(self, x_t: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         return x_t - _batched(sigma, x_t).view(-1, 1, 1) * velocity
+
+
+@contextlib.contextmanager
+def _quiet_embedded_load(embedded: bool) -> Iterator[None]:
+    """The embedded pipeline's VAE is knowingly not an AutoencoderKLQwenImage; silence that one warning
+    and the loading bars for it. A real model loads with diffusers' normal logging."""
+    if not embedded:
+        yield
+        return
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
 
 
 def _batched(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
