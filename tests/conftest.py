@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from bankfactory import build_bank
 
 
@@ -55,6 +54,18 @@ TINY_OVERRIDES = {
         "teacher_pass_rate": 0.0,
     },
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Everything in the suite runs on one torch thread (see TINY_OVERRIDES): deterministic, and no
+    oversubscription when the 2 cores are shared with another job."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,6 @@ EFFECTS = ["grayscale", "vignette", "film_grain", "colour_frame", "pixelate"]
 LABELS = [*EFFECTS, NONE]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Training on 2 shared cores: two torch threads contending with another job slow it many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quick_config(**update) -> JudgeConfig:
     judge = load_params(Path(__file__).parents[1] / "params.yaml").judge
     return judge.model_copy(update={"steps": 120, "width": 16, "procedural_per_effect": 64, **update})

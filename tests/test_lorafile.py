@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bankfactory import random_lora, tiny_transformer
 from diffusers import QwenImageEditPlusPipeline
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from bankfactory import random_lora, tiny_transformer
 from collectionlora.errors import LoraFileError
 from collectionlora.lorafile import (
     LoraWeights,

@@ -6,15 +6,6 @@ import torch
 from collectionlora.effects import SPLITS, make_sources
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Training on 2 shared cores: two torch threads contending with another job slow it many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sources_are_deterministic_and_in_range():
     images = make_sources("train", 16, 32, seed=0)
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32

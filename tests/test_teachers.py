@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from collectionlora.base_pretrain import pretrain_base
 from collectionlora.effects import get_effect, make_sources

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from bankfactory import EFFECTS, PAIRS, apply_mutation
+
 from collectionlora.bank import file_sha256, load_bank, tree_hashes
 from collectionlora.config import BankConfig
 from collectionlora.errors import BankError

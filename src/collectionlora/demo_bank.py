@@ -30,7 +30,13 @@ from collectionlora.effects import Effect, catalog, make_sources
 from collectionlora.effects.base import stable_seed
 from collectionlora.errors import BankError
 from collectionlora.evaluate.fidelity import psnr
-from collectionlora.evaluate.judge import NONE, EffectJudge, holdout_report, procedural_examples, train_judge
+from collectionlora.evaluate.judge import (
+    NONE,
+    EffectJudge,
+    holdout_report,
+    procedural_examples,
+    train_judge,
+)
 from collectionlora.images import quantize, save_png
 from collectionlora.models.backbone import Backbone
 from collectionlora.models.tiny import build_tiny_pipeline

@@ -11,11 +11,16 @@ from pathlib import Path
 from collectionlora.adapters import NONE, AdapterSet
 from collectionlora.bank import load_bank, read_pair_folder
 from collectionlora.config import Params
-from collectionlora.errors import BankError
-from collectionlora.evaluate.judge import NONE as NONE_LABEL
-from collectionlora.evaluate.judge import examples_from_pairs, holdout_report, procedural_examples, train_judge
 from collectionlora.effects import catalog
 from collectionlora.effects.base import stable_seed
+from collectionlora.errors import BankError
+from collectionlora.evaluate.judge import NONE as NONE_LABEL
+from collectionlora.evaluate.judge import (
+    examples_from_pairs,
+    holdout_report,
+    procedural_examples,
+    train_judge,
+)
 from collectionlora.images import grid, save_png
 from collectionlora.models.backbone import Backbone
 from collectionlora.sampling import sample_teacher

@@ -9,7 +9,15 @@ import torch
 from torch import Tensor
 
 from collectionlora.effects.base import DeterministicTransform, Effect, ItemRandom
-from collectionlora.effects.ops import RGB, gradient_map, lerp, luma, pick, rgb, saturate
+from collectionlora.effects.ops import (
+    RGB,
+    gradient_map,
+    lerp,
+    luma,
+    pick,
+    rgb,
+    saturate,
+)
 
 SEPIA_MATRIX = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 PASTELS = rgb(

@@ -6,7 +6,17 @@ import torch
 from torch import Tensor
 
 from collectionlora.effects.base import DeterministicTransform, Effect, ItemRandom
-from collectionlora.effects.ops import CELL, RGB, border_mask, discs, paint, pick, pixel_grid, rgb, segments
+from collectionlora.effects.ops import (
+    CELL,
+    RGB,
+    border_mask,
+    discs,
+    paint,
+    pick,
+    pixel_grid,
+    rgb,
+    segments,
+)
 
 SATURATED = rgb(
     [

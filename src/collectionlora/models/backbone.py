@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+from diffusers import (
+    DiffusionPipeline,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+)
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+    calculate_dimensions,
+)
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -24,7 +30,11 @@ import collectionlora.models.pixel_vae  # noqa: F401  (diffusers resolves the em
 from collectionlora.config import BaseConfig
 from collectionlora.errors import ConfigError
 from collectionlora.images import to_pil
-from collectionlora.models.compat import condition_area, load_processor, processor_needs_workaround
+from collectionlora.models.compat import (
+    condition_area,
+    load_processor,
+    processor_needs_workaround,
+)
 
 PIPELINES = {"QwenImageEditPlusPipeline": QwenImageEditPlusPipeline, "QwenImageEditPipeline": QwenImageEditPipeline}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,7 +12,11 @@ import json
 from collections.abc import Iterable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPlusPipeline,
+    QwenImageTransformer2DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     Qwen2_5_VLConfig,
