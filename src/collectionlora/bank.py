@@ -103,9 +103,7 @@ class Bank:
 
     def load_pairs(self, effect: Effect) -> tuple[torch.Tensor, torch.Tensor]:
         """(sources, results), each [N, 3, S, S] in [0, 1]."""
-        sources = [load_png(source, self.image_size) for source, _ in effect.pairs]
-        results = [load_png(result, self.image_size) for _, result in effect.pairs]
-        return torch.stack(sources), torch.stack(results)
+        return _load_pair_images(effect.pairs, self.image_size)
 
     def load_general_sources(self) -> torch.Tensor:
         return torch.stack([load_png(path, self.image_size) for path in self.general_sources])
@@ -289,7 +287,10 @@ def read_pair_folder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch
     if not folder.is_dir():
         raise BankError(f"{folder}: not a folder of pairs")
     refuse_pickle_files(folder)
-    pairs = _pair_files(_Resolver(folder, folder), folder)
+    return _load_pair_images(_pair_files(_Resolver(folder, folder), folder), image_size)
+
+
+def _load_pair_images(pairs: tuple[tuple[Path, Path], ...], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     sources = torch.stack([load_png(source, image_size) for source, _ in pairs])
     return sources, torch.stack([load_png(result, image_size) for _, result in pairs])
 
