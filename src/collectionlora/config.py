@@ -132,6 +132,97 @@ class DemoConfig(Section):
     out: Path
 
 
+class RolloutConfig(Section):
+    """Teacher targets: the sampler is `sampling` (teacher_steps, teacher_cfg_scale); this says what to sample."""
+
+    samples_per_source: int = Field(ge=1)  # seeds per training source (targets per pair source)
+    batch_size: int = Field(ge=1)
+    seed: int
+
+
+class VlmConfig(Section):
+    """An OpenAI-compatible chat endpoint for AOP captions; the key is read from `api_key_env`."""
+
+    url: str | None  # base URL, e.g. http://127.0.0.1:8000/v1 (POST {url}/chat/completions)
+    model: str | None
+    api_key_env: str
+    timeout_s: float = Field(gt=0)
+    example_pairs: int = Field(ge=1)
+
+
+class PromptingConfig(Section):
+    """Asymmetric Orthogonal Prompting: the student's trigger + caption per effect."""
+
+    aop: bool  # off (ablation): the student sees the teacher's own prompt
+    trigger_seed: int
+    trigger_candidates: int = Field(ge=1)  # random triggers tried per effect; the most orthogonal set wins
+    suffix_length: tuple[int, int]  # random alphanumeric suffix length range, inclusive
+    captioner: Literal["template", "vlm"]
+    vlm: VlmConfig
+
+    @field_validator("suffix_length")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1]:
+            raise ValueError("needs 1 <= low <= high")
+        return value
+
+
+class DistillConfig(Section):
+    """Multi-teacher on-policy distillation (PDSR + AOP + C2F-DO); METHOD.md sections 2-5."""
+
+    rank: int = Field(ge=1)  # student and critic LoRAs
+    alpha: float = Field(gt=0)
+    targets: list[str] = Field(min_length=1)
+    max_steps: int = Field(ge=1)  # iterations; the critic updates every iteration
+    generator_every: int = Field(ge=1)  # generator update when step % generator_every == 0
+    batch_size: int = Field(ge=1)  # per process
+    lr: float = Field(gt=0)
+    critic_lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    grad_clip: float = Field(gt=0)
+    pdsr: bool  # off (ablation): effect stream only
+    p_switch: float = Field(ge=0, le=1)  # probability of the effect stream
+    route_every: int = Field(ge=1)  # 1 = a draw per step (paper); 20 = the reference's blocks
+    sync_routing: bool  # the same draw on every rank (reference: false, per-rank draws)
+    ts: bool
+    ts_weight: float = Field(ge=0)
+    ts_generator_last: int = Field(ge=1)  # TS generator time from the last N entries of the step list
+    ts_critic_range: tuple[float, float]  # TS critic time, pre-shift, [low, high)
+    ta_fm: bool
+    ta_fm_weight: float = Field(ge=0)
+    ta_fm_timestep: Literal["paper", "reference"]  # reference: shifted twice, lower-bounded by the BS time
+    critic_reuses_generator_sample: bool  # reference: false (a second backward simulation)
+    seed: int
+    checkpoint_every: int = Field(ge=1)
+    keep_checkpoints: int = Field(ge=1)
+    max_nonfinite: int = Field(ge=1)  # consecutive non-finite losses before the run aborts
+    log_every: int = Field(ge=1)
+    save_dtype: Literal["float32", "bfloat16", "float16"]
+    kohya_export: bool  # also write a kohya/ComfyUI key layout
+
+    @field_validator("ts_critic_range")
+    @classmethod
+    def _in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 1000:
+            raise ValueError("needs 0 <= low < high <= 1000")
+        return value
+
+
+class IncrementalConfig(Section):
+    """Adding effects to an existing collection by a short warm-started run."""
+
+    generator_steps_per_effect: int = Field(ge=1)
+    replay: float = Field(ge=0, le=1)  # share of effect-stream batches drawn from the old effects
+
+
+class TrackingConfig(Section):
+    """MLflow; the environment's MLFLOW_TRACKING_URI, when set, wins over `uri`."""
+
+    uri: str
+    experiment: str = Field(min_length=1)
+
+
 class Params(Section):
     base: BaseConfig
     sampling: SamplingConfig
@@ -140,6 +231,11 @@ class Params(Section):
     demo_bank: DemoBankConfig
     bank: BankConfig
     demo: DemoConfig
+    rollout: RolloutConfig
+    prompting: PromptingConfig
+    distill: DistillConfig
+    incremental: IncrementalConfig
+    tracking: TrackingConfig
 
 
 def load_params(path: Path | str = "params.yaml", overrides: dict | None = None) -> Params:
