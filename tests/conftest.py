@@ -53,6 +53,12 @@ TINY_OVERRIDES = {
         "teacher_check_steps": 2,
         "teacher_pass_rate": 0.0,
     },
+    "rollout": {"batch_size": 4},
+    "prompting": {"trigger_candidates": 4},
+    "distill": {
+        "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "checkpoint_every": 5, "log_every": 2,
+    },
+    "incremental": {"generator_steps_per_effect": 2},
 }
 
 
@@ -89,3 +95,22 @@ def backbone(tiny_params: Params, tiny_base_dir: Path):
     from collectionlora.models.backbone import Backbone
 
     return Backbone.load(tiny_params.base, tiny_base_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(tmp_path_factory: pytest.TempPathFactory, tiny_params: Params) -> Path:
+    """A tiny demo bank built once per session (3 effects, teachers of a few steps); returns its root.
+    bank.yaml holds 2 effects, bank-3.yaml all 3. Copy it before changing anything."""
+    from collectionlora.demo_bank import build_demo_bank
+
+    root = tmp_path_factory.mktemp("tiny_bank") / "data"
+    build_demo_bank(tiny_params, root)
+    return root
+
+
+def params_for_bank(params: Params, root: Path, manifest: str = "bank.yaml", **sections: dict) -> Params:
+    """`params` pointed at the bank under `root`, with extra section overrides."""
+    from collectionlora.config import merge
+
+    raw = merge(params.model_dump(mode="json"), {"bank": {"root": str(root), "manifest": str(root / manifest)}, **sections})
+    return Params.model_validate(raw)

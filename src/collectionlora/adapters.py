@@ -59,6 +59,8 @@ class AdapterSet:
             torch.manual_seed(seed)
             self.transformer.add_adapter(config, adapter_name=name)
         self._trainable[name] = [p for n, p in self.transformer.named_parameters() if f".{name}." in n]
+        for param in self._trainable[name]:  # fp32 master weights, whatever the base dtype (peft casts inputs)
+            param.data = param.data.float()
         self._apply(self.active)  # peft activates a newly added adapter; keep the current one
         self._restore_grad_rule()
         return self._trainable[name]

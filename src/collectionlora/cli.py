@@ -150,6 +150,25 @@ def validate(
     typer.echo(f"bank {manifest['bank']['name']}: {len(manifest['effects'])} effects valid -> {out / 'manifest.json'}")
 
 
+@app.command("rollout")
+@one_line_errors
+def rollout(
+    out: Annotated[Path, typer.Option(help="Rollout folder: <effect>/<key>.png, index.jsonl, report.json.")] = Path("artifacts/rollouts"),
+    effects: Annotated[str | None, typer.Option(help="Comma-separated effect ids (default: every effect of the bank).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Sample the teachers' targets for every (effect, training source); targets already in OUT are reused."""
+    from collectionlora.stages import run_rollout
+
+    chosen = None if effects is None else [effect_id.strip() for effect_id in effects.split(",")]
+    report = run_rollout(params_from(params, set_), out, chosen)
+    for effect_id, counts in report["effects"].items():
+        typer.echo(f"{effect_id}: {counts['computed']} computed, {counts['cached']} cached ({counts['seconds']:.1f} s)")
+    totals = report["totals"]
+    typer.echo(f"total: {totals['computed']} computed, {totals['cached']} cached ({totals['seconds']:.1f} s) -> {out}")
+
+
 @app.command("preview")
 @one_line_errors
 def preview(
@@ -162,6 +181,47 @@ def preview(
 
     loaded = params_from(params, set_)
     typer.echo(f"wrote {run_preview(loaded, out or loaded.demo.out)}")
+
+
+@app.command("distill")
+@one_line_errors
+def distill(
+    rollouts: Annotated[Path, typer.Option(help="Rollout folder (from `collectionlora rollout`).")] = Path("artifacts/rollouts"),
+    out: Annotated[Path, typer.Option(help="Collection folder: the single LoRA, collection.json, checkpoints/.")] = Path("artifacts/student"),
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
+    warm_start: Annotated[Path | None, typer.Option(help="Add the bank's new effects to this existing collection.")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Distil every effect teacher and few-step sampling into one student LoRA (PDSR + AOP + C2F-DO).
+    Multi-process: torchrun --nproc_per_node=K $(which collectionlora) distill ..."""
+    from collectionlora.stages import run_distill
+
+    summary = run_distill(params_from(params, set_), rollouts, out, resume, warm_start)
+    if "collection" in summary:  # rank 0
+        typer.echo(
+            f"{summary['steps']} steps ({summary['generator_updates']} generator updates) in {summary['seconds']:.0f} s -> {out}"
+        )
+
+
+@app.command("edit")
+@one_line_errors
+def edit(
+    effect: Annotated[str, typer.Option(help="Effect id (see OUT/collection.json).")],
+    image: Annotated[Path, typer.Option(help="Input image (any size; centre-cropped and resized).")],
+    out: Annotated[Path, typer.Option(help="Output PNG.")],
+    then: Annotated[str | None, typer.Option(help="A second effect applied after the first, in the same pass.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps: 8 (trained), 4, 2 or 1.")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    collection: Annotated[Path, typer.Option(help="Collection folder.")] = Path("artifacts/student"),
+    base: Annotated[Path | None, typer.Option(help="Base pipeline folder (default: the one in collection.json).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Apply an effect of the collection with the single student LoRA (no routing, no LoRA switching)."""
+    from collectionlora.edit import run_edit
+
+    typer.echo(f"wrote {run_edit(params_from(params, set_), collection, effect, image, out, steps, then, seed, base)}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

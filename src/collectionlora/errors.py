@@ -19,3 +19,11 @@ class LoraFileError(BankError):
 
 class JudgeFileError(CollectionLoraError):
     """A saved effect judge cannot be loaded: missing or malformed files, wrong tensors."""
+
+
+class RolloutError(CollectionLoraError):
+    """Teacher rollouts are missing, malformed, or stale against the current bank."""
+
+
+class CaptionError(CollectionLoraError):
+    """The AOP captioner (an OpenAI-compatible VLM endpoint) gave no usable caption for an effect."""

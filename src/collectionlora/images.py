@@ -51,6 +51,21 @@ def load_png(path: Path, size: int | None = None) -> torch.Tensor:
         raise BankError(f"{path}: unreadable image ({error})") from error
 
 
+def load_image_fitted(path: Path, size: int) -> torch.Tensor:
+    """Any RGB-convertible image, centre-cropped to a square and resized to size x size (user inputs)."""
+    try:
+        with Image.open(path) as handle:
+            image = handle.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise BankError(f"{path}: unreadable image ({error})") from error
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return from_pil(image)
+
+
 def grid(rows: list[list[torch.Tensor]], pad: int = 2, scale: int = 1) -> torch.Tensor:
     """Tile equally sized [3, H, W] images row by row with a white gap, each enlarged `scale` times
     (nearest neighbour, so 32x32 edits stay readable and unsmoothed)."""

@@ -420,11 +420,28 @@ def write_lora(weights: LoraWeights, path: Path, layout: WriteLayout) -> None:
     tmp = _tmp_name(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
         if layout == "peft":
             atomic_write_text(path.parent / ADAPTER_CONFIG, json.dumps(_config_dict(weights), indent=2, sort_keys=True))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes header metadata in hash-map order, which differs between processes; sort it
+    in place so that equal LoRAs are equal files (byte-identical resumes, stable DVC hashes)."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:  # json.dumps escapes differently from the writer: keep the file as it is
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

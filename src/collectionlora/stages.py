@@ -23,11 +23,12 @@ from collectionlora.evaluate.judge import (
 )
 from collectionlora.images import grid, save_png
 from collectionlora.models.backbone import Backbone
+from collectionlora.rollout import generate_rollouts, select_effects
 from collectionlora.sampling import sample_teacher
 from collectionlora.teachers import save_teacher, train_teacher
 from collectionlora.validate import run_validate
 
-__all__ = ["run_judge_train", "run_preview", "run_teacher_train", "run_validate"]
+__all__ = ["run_judge_train", "run_preview", "run_rollout", "run_teacher_train", "run_validate"]
 
 
 def run_preview(params: Params, out: Path) -> Path:
@@ -56,6 +57,14 @@ def run_preview(params: Params, out: Path) -> Path:
     save_png(grid(rows, scale=params.demo.grid_scale), out)
     return out
 
+
+def run_rollout(params: Params, out: Path, effects: list[str] | None = None) -> dict:
+    """Teacher targets for the bank's effects (or the named subset, one KFP task each), reusing every
+    target already in `out`; returns the report (computed / cached per effect). See rollout.py."""
+    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    chosen = select_effects(bank, effects)  # an unknown id fails before anything is loaded or written
+    backbone = Backbone.load(params.base, bank.base_dir)
+    return generate_rollouts(backbone, bank, chosen, params.base, params.sampling, params.rollout, Path(out))
 
 
 def run_teacher_train(params: Params, pairs: Path, prompt: str, out: Path, base: Path | None = None) -> Path:
@@ -89,3 +98,10 @@ def run_judge_train(params: Params, out: Path) -> dict:
         report["holdout"] = holdout_report(judge, known, params.judge.holdout_per_effect, params.bank.image_size, params.judge.seed)
     (Path(out) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def run_distill(params: Params, rollouts: Path, out: Path, resume: bool = False, warm_start: Path | None = None) -> dict:
+    """Distil the bank's teachers (from their rollouts) into one student LoRA; see distill/run.py."""
+    from collectionlora.distill.run import distill_collection
+
+    return distill_collection(params, rollouts, out, resume, warm_start)

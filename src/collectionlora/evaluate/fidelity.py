@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+
+from collectionlora.effects import catalog
+from collectionlora.effects.base import stable_seed
+from collectionlora.evaluate.judge import EffectJudge
 
 
 def psnr(images: torch.Tensor, references: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -11,3 +17,23 @@ def psnr(images: torch.Tensor, references: torch.Tensor, eps: float = 1e-10) -> 
         raise ValueError(f"psnr: shapes differ, {tuple(images.shape)} vs {tuple(references.shape)}")
     mse = ((images.float() - references.float()) ** 2).flatten(1).mean(dim=1)
     return 10 * torch.log10(1.0 / (mse + eps))
+
+
+Editor = Callable[[torch.Tensor, str, list[int]], torch.Tensor]
+
+
+def effect_fidelity(edit: Editor, effects: Sequence[tuple[str, str]], sources: torch.Tensor, judge: EffectJudge, seed: int) -> dict[str, dict]:
+    """Per effect: the judge's verdict rate on `edit`'s outputs and, for deterministic catalog effects,
+    PSNR to the procedural ground truth. `edit(sources, prompt, seeds)` returns images in [0, 1]."""
+    known = catalog()
+    report = {}
+    for effect_id, prompt in effects:
+        seeds = [stable_seed("fidelity", seed, effect_id, i) for i in range(len(sources))]
+        images = edit(sources, prompt, seeds)
+        verdicts = judge.predict(sources, images)
+        row: dict = {"judge_rate": sum(v == effect_id for v in verdicts) / len(verdicts)}
+        effect = known.get(effect_id)
+        if effect is not None and not effect.stochastic:
+            row["psnr_truth_db"] = float(psnr(images, effect.apply(sources, 0)).mean())
+        report[effect_id] = row
+    return report

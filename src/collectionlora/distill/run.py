@@ -1,0 +1,293 @@
+"""The distill stage end to end: bank + rollouts + prompts -> trained student -> exported collection.
+
+Fresh runs, exact resumes (`resume=True`, from the newest full-state checkpoint) and incremental
+runs (`warm_start=<collection>`: the bank's effects not yet in that collection are added by a
+short run starting from its student and critic) all go through `distill_collection`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from collectionlora.adapters import AdapterSet
+from collectionlora.bank import Bank, file_sha256, load_bank
+from collectionlora.config import Params
+from collectionlora.distill import export
+from collectionlora.distill.checkpoint import (
+    CheckpointError,
+    check_fingerprint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from collectionlora.distill.data import DistillData, EffectSchedule
+from collectionlora.distill.parallel import (
+    World,
+    barrier,
+    broadcast_parameters,
+    close_world,
+    init_world,
+    parameters_in_sync,
+)
+from collectionlora.distill.prompting import PromptPlan, extend_plan, plan_prompts
+from collectionlora.distill.trainer import CRITIC, STUDENT, Distiller
+from collectionlora.errors import CollectionLoraError
+from collectionlora.evaluate.fidelity import effect_fidelity
+from collectionlora.evaluate.judge import EffectJudge
+from collectionlora.lorafile import atomic_write_text
+from collectionlora.models.backbone import Backbone
+from collectionlora.rollout import load_rollouts
+from collectionlora.sampling import sample_student, student_timesteps
+from collectionlora.tracking import RunLogger
+
+CHECKPOINTS = "checkpoints"
+PROMPTS = "prompts.json"
+METRICS = "metrics.json"
+HISTORY = "metrics.jsonl"
+INCREMENTAL_REPORT = "incremental_report.json"
+# Values that may change between a run and its resume without changing what is trained.
+RUNTIME_FIELDS = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "save_dtype", "kohya_export"}
+
+
+def distill_collection(
+    params: Params,
+    rollouts: Path,
+    out: Path,
+    resume: bool = False,
+    warm_start: Path | None = None,
+) -> dict:
+    """Train (or resume, or extend) the collection; rank 0 writes `out` and returns the run summary."""
+    world, device = init_world(params.base.device)
+    try:
+        return _distill(params, Path(rollouts), Path(out), resume, warm_start, world, device)
+    finally:
+        close_world(world)
+
+
+def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start: Path | None, world: World, device: str) -> dict:
+    started = time.perf_counter()
+    config = params.distill
+    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    checkpoints = list_checkpoints(out / CHECKPOINTS)
+    if checkpoints and not resume:
+        raise CheckpointError(f"{out / CHECKPOINTS}: checkpoints of an earlier run exist; pass --resume to continue it, or remove {out}")
+
+    backbone = Backbone.load(params.base.model_copy(update={"device": device}), bank.base_dir)
+    adapters = AdapterSet(backbone.transformer)
+    old_record = export.read_collection(warm_start) if warm_start else None
+    old_effects = [e["effect"] for e in old_record["prompts"]["effects"]] if old_record else []
+    effect_ids = [e.id for e in bank.effects]
+    new_effects = [e for e in effect_ids if e not in old_effects]
+    if warm_start is not None and not new_effects:
+        raise CollectionLoraError(f"{params.bank.manifest}: effects: nothing to add, every effect is already in {warm_start}")
+    missing = [e for e in old_effects if e not in effect_ids]
+    if missing:
+        raise CollectionLoraError(f"{params.bank.manifest}: effects: the bank lacks {missing} of the collection {warm_start}")
+
+    targets = load_rollouts(rollouts, bank, effect_ids)
+    plan = _prompt_plan(backbone, bank, params, out, old_record, new_effects, world)
+    for effect in bank.effects:
+        adapters.add_teacher(effect.id, effect.teacher)
+    adapters.add_trainable(STUDENT, config.rank, config.alpha, config.targets, config.seed)
+    adapters.add_trainable(CRITIC, config.rank, config.alpha, config.targets, config.seed + 1)
+
+    data = DistillData(
+        backbone,
+        {e: (targets[e].sources, targets[e].targets, targets[e].teacher_prompt, plan.student(e)) for e in effect_ids},
+        bank.load_general_sources(),
+        bank.instructions,
+        params.sampling.negative_prompt,
+    )
+    replay = params.incremental.replay if warm_start else 0.0
+    schedule = EffectSchedule(new_effects if warm_start else effect_ids, old_effects, replay, config.seed)
+    timesteps = student_timesteps(params.sampling)
+    distiller = Distiller(backbone, adapters, config, params.sampling, timesteps, data, schedule, world)
+    max_steps = (
+        params.incremental.generator_steps_per_effect * len(new_effects) * config.generator_every if warm_start else config.max_steps
+    )
+    fingerprint = _fingerprint(params, plan, rollouts, effect_ids, world, warm_start)
+
+    before = None
+    if checkpoints:
+        checkpoint = load_checkpoint(checkpoints[-1])
+        check_fingerprint(checkpoint, fingerprint)
+        distiller.load_tensors(checkpoint.tensors)
+        distiller.state = checkpoint.state
+    elif warm_start is not None:
+        distiller.load_tensors(load_checkpoint(list_checkpoints(Path(warm_start) / CHECKPOINTS)[-1]).tensors, with_optimizers=False)
+        if world.is_main:
+            before = _old_effect_fidelity(backbone, adapters, bank, plan, old_effects, timesteps, params)
+    broadcast_parameters(distiller.trainable, world)
+
+    logger = RunLogger(
+        params.tracking, f"distill-{bank.name}", params.model_dump(mode="json"), out / HISTORY, world.is_main, distiller.state.tracking_run_id
+    )
+    distiller.state.tracking_run_id = logger.run_id
+    _truncate_history(out / HISTORY, distiller.state.step, world)
+    status = "FAILED"
+    try:
+        summary = _train(distiller, max_steps, config, out, fingerprint, logger, world)
+        status = "FINISHED"
+    finally:
+        logger.close(status)
+    if not world.is_main:
+        return summary
+    record = _export(distiller, adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start)
+    summary["seconds"] = time.perf_counter() - started
+    if warm_start is not None:
+        after = _old_effect_fidelity(backbone, adapters, bank, plan, old_effects, timesteps, params)
+        report = {"added": new_effects, "old_effects": old_effects, "generator_steps": summary["generator_updates"], "before": before, "after": after}
+        atomic_write_text(out / INCREMENTAL_REPORT, json.dumps(report, indent=2) + "\n")
+        summary["incremental"] = report
+    atomic_write_text(out / METRICS, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary["collection"] = record
+    return summary
+
+
+def _prompt_plan(backbone: Backbone, bank: Bank, params: Params, out: Path, old_record: dict | None, new_effects: list[str], world: World) -> PromptPlan:
+    """AOP prompts, made once by rank 0 (a VLM captioner is called once) and read by the others.
+    A resumed run reuses prompts.json; an incremental run keeps the old effects' triggers."""
+    path = out / PROMPTS
+    if world.is_main and not path.exists():
+        teacher_prompts = [(e.id, e.prompt) for e in bank.effects]
+
+        def pairs(effect_id: str):
+            return bank.load_pairs(bank.effect(effect_id))
+
+        if old_record is not None:
+            old = PromptPlan.from_json(old_record["prompts"])
+            plan = extend_plan(backbone, old, [p for p in teacher_prompts if p[0] in new_effects], params.prompting, pairs)
+        else:
+            plan = plan_prompts(backbone, teacher_prompts, params.prompting, pairs)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(plan.to_json(), indent=2) + "\n")
+    barrier(world)
+    try:
+        plan = PromptPlan.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CollectionLoraError(f"{path}: unreadable prompt plan ({' '.join(str(error).split())})") from error
+    missing = [e.id for e in bank.effects if e.id not in {p.effect for p in plan.effects}]
+    if missing:
+        raise CollectionLoraError(f"{path}: effects {missing} have no student prompt; remove {path} (or start a fresh run)")
+    return plan
+
+
+def _fingerprint(params: Params, plan: PromptPlan, rollouts: Path, effect_ids: list[str], world: World, warm_start: Path | None) -> dict:
+    """What a checkpoint's training depends on, flattened, so a mismatch names the field."""
+    distill = {k: v for k, v in params.distill.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+    flat = {f"distill.{k}": json.dumps(v) for k, v in distill.items()}
+    flat.update({f"sampling.{k}": json.dumps(v) for k, v in params.sampling.model_dump(mode="json").items()})
+    flat["prompts"] = _digest(json.dumps(plan.to_json(), sort_keys=True).encode())
+    for effect_id in effect_ids:
+        flat[f"rollouts.{effect_id}"] = _digest((rollouts / effect_id / "index.jsonl").read_bytes())
+    flat["world_size"] = str(world.size)
+    flat["warm_start"] = str(warm_start)
+    return flat
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _train(distiller: Distiller, max_steps: int, config, out: Path, fingerprint: dict, logger: RunLogger, world: World) -> dict:
+    """Step until max_steps: log every log_every, checkpoint every checkpoint_every and at the end."""
+    window: dict[str, list[float]] = defaultdict(list)
+    state = distiller.state
+    in_sync = True
+    last_window: dict[str, float] = {}
+    with tqdm(total=max_steps, initial=state.step, desc="distill", disable=not world.is_main, mininterval=2.0) as bar:
+        while state.step < max_steps:
+            log = distiller.step()
+            for name, value in log.losses.items():
+                window[name].append(value)
+            bar.update(1)
+            done = state.step == max_steps
+            if state.step % config.log_every == 0 or done:
+                metrics = {f"loss_{k}": sum(v) / len(v) for k, v in window.items() if v}
+                metrics.update(_counters(distiller))
+                logger.log(metrics, state.step)
+                bar.set_postfix({k.removeprefix("loss_"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss_")}, refresh=False)
+                last_window = metrics
+                window.clear()
+            if state.step % config.checkpoint_every == 0 or done:
+                in_sync = parameters_in_sync(distiller.trainable, world) and in_sync
+                if not in_sync:
+                    raise CollectionLoraError(f"distill: ranks hold different LoRA weights at step {state.step}")
+                if world.is_main:
+                    _save(distiller, out, fingerprint, config.keep_checkpoints)
+    return {"steps": state.step, **_counters(distiller), "last_window": last_window, "world_size": world.size, "ranks_in_sync": in_sync}
+
+
+def _counters(distiller: Distiller) -> dict:
+    state = distiller.state
+    return {
+        "generator_updates": state.generator_updates,
+        "critic_updates": state.critic_updates,
+        "effect_steps": state.stream_counts["effect"],
+        "general_steps": state.stream_counts["general"],
+        "nonfinite_skipped": state.nonfinite_skipped,
+        "teacher_loads": distiller.adapters.loads,
+        "adapter_switches": distiller.adapters.switches,
+        **distiller.timings.as_dict(),
+    }
+
+
+def _save(distiller: Distiller, out: Path, fingerprint: dict, keep: int) -> None:
+    """A checkpoint of finite weights only: a diverging run keeps its last good checkpoint."""
+    if not distiller.parameters_finite():
+        tqdm.write(f"distill: non-finite weights at step {distiller.state.step}; checkpoint not written")
+        return
+    save_checkpoint(out / CHECKPOINTS, distiller.state, fingerprint, distiller.tensors(), keep)
+
+
+def _truncate_history(path: Path, step: int, world: World) -> None:
+    """A resumed run re-logs the steps after its checkpoint: drop them from metrics.jsonl first."""
+    if not world.is_main or not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+
+
+def _export(distiller, adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start) -> dict:
+    files = export.export_student(
+        adapters.lora_state_dict(STUDENT), params.distill.alpha, out, params.distill.save_dtype, params.distill.kohya_export
+    )
+    base = bank.spec.base
+    record = {
+        "format": "collectionlora/1",
+        "name": bank.name,
+        "base": {"path": str(bank.base_dir) if bank.base_dir else None, "model": base.model, "pipeline": params.base.pipeline},
+        "timesteps": timesteps,
+        "sampler": "x0-prediction with re-noising over the step list, no CFG",
+        "composition_template": "Please apply {first} to the input image, and then apply {then}.",
+        "prompts": plan.to_json(),
+        "effects": [{"id": e.id, "category": e.category, "teacher_sha256": file_sha256(e.teacher)} for e in bank.effects],
+        "files": files,
+        "rollout_index_sha256": {e.id: _digest((rollouts / e.id / "index.jsonl").read_bytes()) for e in bank.effects},
+        "warm_start": str(warm_start) if warm_start else None,
+        "training": {k: summary[k] for k in ("steps", "generator_updates", "critic_updates", "effect_steps", "general_steps")},
+    }
+    export.write_collection(out, record)
+    export.write_model_card(out, record)
+    return record
+
+
+def _old_effect_fidelity(backbone, adapters, bank, plan, effect_ids, timesteps, params) -> dict:
+    """Judge rate (and PSNR to ground truth) of the student on eval sources for `effect_ids`."""
+    if bank.judge is None:
+        return {}
+    judge = EffectJudge.load(bank.judge)
+    sources = bank.load_eval_sources()
+    adapters.activate(STUDENT)
+
+    def edit(images: torch.Tensor, prompt: str, seeds: list[int]) -> torch.Tensor:
+        return sample_student(backbone, images, [prompt] * len(images), seeds, timesteps).images
+
+    return effect_fidelity(edit, [(e, plan.student(e)) for e in effect_ids], sources, judge, params.distill.seed)

@@ -1,0 +1,330 @@
+"""The distillation loop: one object owns the student and the critic (DMD2 style), two time scales.
+
+Launch on one process with `collectionlora distill`, or on K with
+`torchrun --nproc_per_node=K $(which collectionlora) distill ...` (gloo on CPU, nccl on CUDA).
+
+Per step s (METHOD.md 2.2, paper semantics by default):
+  stream  = PDSR draw (effect with probability p_switch, else general)
+  if s % generator_every == 0:   L_G = BS-DMD + [effect] (TS-DMD + TA-FM)  -> student AdamW step
+  always:                        L_F = flow matching on a student sample    -> critic AdamW step
+Student, critic and teachers are adapters on one shared base; only the student and critic train.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from collectionlora.adapters import AdapterSet
+from collectionlora.config import DistillConfig, SamplingConfig
+from collectionlora.distill import schedule
+from collectionlora.distill.checkpoint import TrainState, optimizer_tensors, restore_optimizer
+from collectionlora.distill.data import DistillData, EffectSchedule, StepBatch
+from collectionlora.distill.losses import add_noise, dmd_loss, flow_matching_loss
+from collectionlora.distill.parallel import World, all_ranks_agree, average_gradients
+from collectionlora.distill.routing import EFFECT, StreamRouter
+from collectionlora.errors import CollectionLoraError
+from collectionlora.models.backbone import Backbone, PromptEmbeds
+
+STUDENT = "student"
+CRITIC = "critic"
+
+
+class TrainingDiverged(CollectionLoraError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class Timings:
+    """Seconds spent in transformer forwards and backwards, and in the whole step."""
+
+    forward: float = 0.0
+    backward: float = 0.0
+    total: float = 0.0
+    forwards: int = 0  # transformer forward calls
+    forward_items: int = 0  # items through those forwards
+
+    def as_dict(self) -> dict[str, float]:
+        other = max(self.total - self.forward - self.backward, 0.0)
+        return {
+            "time_forward_s": self.forward,
+            "time_backward_s": self.backward,
+            "time_other_s": other,
+            "time_total_s": self.total,
+            "transformer_forwards": self.forwards,
+        }
+
+
+@dataclass
+class StepLog:
+    stream: str
+    losses: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def _repeat(text: PromptEmbeds, times: int) -> PromptEmbeds:
+    return PromptEmbeds.stack(text.unpadded() * times)
+
+
+def _named(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in transformer.named_parameters() if f".{adapter}." in n}
+
+
+class Distiller:
+    """Student + critic training against lazily switched teachers; `step()` is one iteration."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        adapters: AdapterSet,
+        config: DistillConfig,
+        sampling: SamplingConfig,
+        timesteps: list[float],
+        data: DistillData,
+        effects: EffectSchedule,
+        world: World,
+    ):
+        self.backbone, self.adapters, self.config, self.sampling = backbone, adapters, config, sampling
+        self.timesteps, self.data, self.effects, self.world = timesteps, data, effects, world
+        self.router = StreamRouter(config, world.rank)
+        self.student = _named(backbone.transformer, STUDENT)
+        self.critic = _named(backbone.transformer, CRITIC)
+        if not self.student or not self.critic:
+            raise ValueError("add the student and critic adapters before building the Distiller")
+        betas = (0.9, 0.999)
+        self.opt_student = torch.optim.AdamW(list(self.student.values()), lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+        self.opt_critic = torch.optim.AdamW(list(self.critic.values()), lr=config.critic_lr, betas=betas, weight_decay=config.weight_decay)
+        self.state = TrainState()
+        self.timings = Timings()
+        self._device_sync: Callable[[], None] = (
+            torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
+        )
+
+    # ---- one iteration --------------------------------------------------------------------------
+    def step(self) -> StepLog:
+        started = time.perf_counter()
+        step = self.state.step
+        stream = self.router.stream(step)
+        effect = self.effects.pick(self.state.effect_batches) if stream == EFFECT else None
+        batch = self.data.batch(stream, effect, step, self.config.seed, self._my_items())
+        log = StepLog(stream=stream)
+        sample = None
+        if step % self.config.generator_every == 0:
+            losses, sample, ok = self._generator_update(batch, step)
+            log.losses.update(losses)
+            log.skipped |= not ok
+            self.state.generator_updates += ok
+        critic_loss, ok = self._critic_update(batch, step, sample if self.config.critic_reuses_generator_sample else None)
+        log.losses["critic_fm"] = critic_loss
+        log.skipped |= not ok
+        self.state.critic_updates += ok
+        self._advance(stream, log.skipped)
+        self._device_sync()
+        self.timings.total += time.perf_counter() - started
+        return log
+
+    def _my_items(self) -> list[int]:
+        """This rank's slice of the step's global batch (item ids key every per-item draw)."""
+        size = self.config.batch_size
+        return list(range(self.world.rank * size, (self.world.rank + 1) * size))
+
+    def _advance(self, stream: str, skipped: bool) -> None:
+        state = self.state
+        state.step += 1
+        state.stream_counts[stream] += 1
+        if stream == EFFECT:
+            state.effect_batches += 1
+        else:
+            state.general_batches += 1
+        if skipped:
+            state.nonfinite_skipped += 1
+            state.nonfinite_in_a_row += 1
+            if state.nonfinite_in_a_row >= self.config.max_nonfinite:
+                raise TrainingDiverged(
+                    f"distill: {state.nonfinite_in_a_row} non-finite losses in a row at step {state.step} "
+                    f"(distill.max_nonfinite={self.config.max_nonfinite}); lower distill.lr / critic_lr"
+                )
+        else:
+            state.nonfinite_in_a_row = 0
+
+    # ---- transformer calls ----------------------------------------------------------------------
+    def _velocity(self, adapter: str, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
+        self.adapters.activate(adapter)
+        self._device_sync()
+        started = time.perf_counter()
+        velocity = self.backbone.velocity(x_t, t / 1000.0, condition, text)
+        self._device_sync()
+        self.timings.forward += time.perf_counter() - started
+        self.timings.forwards += 1
+        self.timings.forward_items += x_t.shape[0]
+        return velocity
+
+    def _x0(self, adapter: str, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
+        velocity = self._velocity(adapter, x_t, t, condition, text)
+        return self.backbone.predict_x0(x_t, t / 1000.0, velocity)
+
+    @torch.no_grad()
+    def _teacher_x0(self, batch: StepBatch, x_t: torch.Tensor, t: torch.Tensor, copies: int) -> torch.Tensor:
+        """The real score: the effect teacher (or the frozen base) with its own prompt and CFG."""
+        self.adapters.activate(batch.teacher)
+        condition = batch.condition.repeat(copies, 1, 1)
+        scale = self.sampling.teacher_cfg_scale
+        self._device_sync()
+        started = time.perf_counter()
+        velocity = self.backbone.guided_velocity(
+            x_t, t / 1000.0, condition, _repeat(batch.teacher_text, copies), _repeat(batch.uncond_text, copies),
+            scale, self.sampling.teacher_cfg_norm,
+        )
+        self._device_sync()
+        self.timings.forward += time.perf_counter() - started
+        self.timings.forwards += 1
+        self.timings.forward_items += x_t.shape[0] * (2 if scale != 1.0 else 1)
+        return self.backbone.predict_x0(x_t, t / 1000.0, velocity)
+
+    @torch.no_grad()
+    def _simulate(self, batch: StepBatch, step: int, purpose: str, index: torch.Tensor) -> torch.Tensor:
+        """Backward simulation: unroll the student's sampler from noise to entry j of the step list,
+        per item, running only the forwards some item still needs."""
+        seed, items = self.config.seed, batch.items
+        x = schedule.noise_items(seed, step, f"{purpose}-z", items, batch.condition)
+        for k in range(int(index.max())):
+            rows = (index > k).nonzero().flatten()
+            t = torch.full((len(rows),), self.timesteps[k], dtype=torch.float64)
+            x0 = self._x0(STUDENT, x[rows], t, batch.condition[rows], batch.student_text.index(rows))
+            sigma_next = torch.full((len(rows),), self.timesteps[k + 1] / 1000.0)
+            noise = schedule.noise_items(seed, step, f"{purpose}-eps{k}", [items[i] for i in rows.tolist()], x)
+            x[rows] = add_noise(x0, noise, sigma_next)
+        return x
+
+    def _step_list_times(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.timesteps, dtype=torch.float64)[index]
+
+    # ---- generator ------------------------------------------------------------------------------
+    def _generator_update(self, batch: StepBatch, step: int) -> tuple[dict[str, float], torch.Tensor, bool]:
+        config, seed, items = self.config, self.config.seed, batch.items
+        shift = self.sampling.shift
+
+        def uniform(purpose: str) -> torch.Tensor:
+            return schedule.uniform_items(seed, step, purpose, items)
+
+        index = schedule.generator_index(uniform("bs-index"), len(self.timesteps))
+        inputs = [self._simulate(batch, step, "bs", index)]
+        times = [self._step_list_times(index)]
+        bs_critic_t = schedule.critic_timesteps(uniform("bs-critic-t"), 0, schedule.GRID, shift)
+        use_ts = batch.stream == EFFECT and config.ts
+        use_fm = batch.stream == EFFECT and config.ta_fm
+        if use_ts:
+            ts_t = schedule.ts_generator_timesteps(uniform("ts-t"), self.timesteps, config.ts_generator_last)
+            inputs.append(add_noise(batch.target, schedule.noise_items(seed, step, "ts-noise", items, batch.target), ts_t / 1000.0))
+            times.append(ts_t)
+        if use_fm:
+            fm_t = schedule.ta_fm_timesteps(uniform("fm-t"), config.ta_fm_timestep, bs_critic_t, shift)
+            fm_noise = schedule.noise_items(seed, step, "fm-noise", items, batch.target)
+            inputs.append(add_noise(batch.target, fm_noise, fm_t / 1000.0))
+            times.append(fm_t)
+
+        # One student forward with gradient for every generator term (BS, TS, TA-FM).
+        copies = len(inputs)
+        x_in, t_in = torch.cat(inputs), torch.cat(times)
+        velocity = self._velocity(STUDENT, x_in, t_in, batch.condition.repeat(copies, 1, 1), _repeat(batch.student_text, copies))
+        x0 = self.backbone.predict_x0(x_in, t_in / 1000.0, velocity)
+        x0_parts, v_parts = x0.chunk(copies), velocity.chunk(copies)
+
+        # The DMD directions of the BS (and TS) samples: critic and teacher, no gradient.
+        dmd_samples = [x0_parts[0]] + ([x0_parts[1]] if use_ts else [])
+        dmd_times = [bs_critic_t]
+        if use_ts:
+            low, high = config.ts_critic_range
+            dmd_times.append(schedule.critic_timesteps(uniform("ts-critic-t"), low, high, shift))
+        purposes = ["bs-dmd-noise", "ts-dmd-noise"][: len(dmd_samples)]
+        with torch.no_grad():
+            clean = torch.cat([s.detach() for s in dmd_samples])
+            noise = torch.cat([schedule.noise_items(seed, step, p, items, clean) for p in purposes])
+            critic_t = torch.cat(dmd_times)
+            noisy = add_noise(clean, noise, critic_t / 1000.0)
+            fake = self._x0(CRITIC, noisy, critic_t, batch.condition.repeat(len(dmd_samples), 1, 1), _repeat(batch.student_text, len(dmd_samples)))
+            real = self._teacher_x0(batch, noisy, critic_t, len(dmd_samples))
+        fake_parts, real_parts = fake.chunk(len(dmd_samples)), real.chunk(len(dmd_samples))
+
+        terms = {"dmd_bs": dmd_loss(x0_parts[0], fake_parts[0], real_parts[0])}
+        total = terms["dmd_bs"]
+        if use_ts:
+            terms["dmd_ts"] = dmd_loss(x0_parts[1], fake_parts[1], real_parts[1])
+            total = total + config.ts_weight * terms["dmd_ts"]
+        if use_fm:
+            terms["ta_fm"] = flow_matching_loss(v_parts[-1], fm_noise, batch.target)
+            total = total + config.ta_fm_weight * terms["ta_fm"]
+        ok = self._update(total, list(self.student.values()), self.opt_student)
+        losses = {name: float(value.detach()) for name, value in terms.items()}
+        losses["generator"] = float(total.detach())
+        return losses, x0_parts[0].detach(), ok
+
+    # ---- critic ---------------------------------------------------------------------------------
+    def _critic_update(self, batch: StepBatch, step: int, sample: torch.Tensor | None) -> tuple[float, bool]:
+        seed, items = self.config.seed, batch.items
+        if sample is None:  # a fresh backward-simulated student sample
+            with torch.no_grad():
+                index = schedule.generator_index(schedule.uniform_items(seed, step, "critic-index", items), len(self.timesteps))
+                x_t = self._simulate(batch, step, "critic", index)
+                sample = self._x0(STUDENT, x_t, self._step_list_times(index), batch.condition, batch.student_text)
+        t = schedule.critic_timesteps(schedule.uniform_items(seed, step, "critic-t", items), 0, schedule.GRID, self.sampling.shift)
+        noise = schedule.noise_items(seed, step, "critic-noise", items, sample)
+        velocity = self._velocity(CRITIC, add_noise(sample, noise, t / 1000.0), t, batch.condition, batch.student_text)
+        loss = flow_matching_loss(velocity, noise, sample)
+        ok = self._update(loss, list(self.critic.values()), self.opt_critic)
+        return float(loss.detach()), ok
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def _update(self, loss: torch.Tensor, parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
+        """Backward, average over ranks, clip, step; skipped on every rank if any rank's loss or
+        gradient norm is non-finite."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if finite:
+            self._device_sync()
+            started = time.perf_counter()
+            loss.backward()
+            self._device_sync()
+            self.timings.backward += time.perf_counter() - started
+        ok = all_ranks_agree(finite, self.world, str(self.backbone.device))
+        if ok:
+            average_gradients(parameters, self.world)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+            ok = bool(torch.isfinite(norm))
+            if ok:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return ok
+
+    # ---- state ----------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint holds as tensors: both LoRAs, both AdamW states, the torch RNG."""
+        out = {f"student/{n}": p.detach().cpu().clone() for n, p in self.student.items()}
+        out.update({f"critic/{n}": p.detach().cpu().clone() for n, p in self.critic.items()})
+        out.update(optimizer_tensors("opt_student", self.opt_student, list(self.student)))
+        out.update(optimizer_tensors("opt_critic", self.opt_critic, list(self.critic)))
+        out["rng/torch_cpu"] = torch.get_rng_state()
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], with_optimizers: bool = True) -> None:
+        with torch.no_grad():
+            for prefix, named in (("student", self.student), ("critic", self.critic)):
+                for name, param in named.items():
+                    key = f"{prefix}/{name}"
+                    if key not in tensors:
+                        raise KeyError(f"checkpoint has no tensor {key}")
+                    param.copy_(tensors[key])
+        if with_optimizers:
+            restore_optimizer("opt_student", self.opt_student, list(self.student), tensors)
+            restore_optimizer("opt_critic", self.opt_critic, list(self.critic), tensors)
+            torch.set_rng_state(tensors["rng/torch_cpu"])
+
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in [*self.student.values(), *self.critic.values()])
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [*self.student.values(), *self.critic.values()]
+

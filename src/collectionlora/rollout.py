@@ -1,0 +1,288 @@
+"""Teacher targets y for every (effect, training source): base + that effect's LoRA, teacher prompt,
+many Euler steps with CFG (the paper's "Base" targets, METHOD.md 7.2).
+
+The cache is content-addressed: a target's file name is the sha256 of everything it depends on (the
+base, the teacher file, the source image, the prompt, the sampler settings and the seed), so adding
+an effect computes that effect only, changing a teacher recomputes its targets only, and a killed run
+resumes where it stopped. Layout under `out`:
+    <effect>/<key>.png      one target, written atomically (temp file, then rename)
+    <effect>/index.jsonl    one line per (source, sample), written when the effect is complete
+    index.jsonl             the lines of every bank effect rolled out so far, in bank order
+    report.json             computed / cached / seconds per effect of the last run
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collectionlora.adapters import NONE, AdapterSet
+from collectionlora.bank import Bank, Effect, file_sha256, tree_hashes
+from collectionlora.config import BaseConfig, RolloutConfig, SamplingConfig
+from collectionlora.effects.base import stable_seed
+from collectionlora.errors import RolloutError
+from collectionlora.images import load_png, save_png
+from collectionlora.lorafile import ADAPTER_CONFIG, atomic_write_text
+from collectionlora.models.backbone import Backbone
+from collectionlora.sampling import sample_teacher
+
+INDEX = "index.jsonl"
+REPORT = "report.json"
+FIELDS = (
+    "effect", "source", "source_sha256", "sample", "seed", "teacher_prompt", "target", "key",
+    "teacher_sha256", "base_sha256", "steps", "cfg_scale",
+)
+
+
+@dataclass
+class EffectRollouts:
+    """One effect's training data for distillation: sources and teacher targets, row for row."""
+
+    effect: str
+    teacher_prompt: str
+    sources: torch.Tensor  # [N, 3, S, S] in [0, 1]
+    targets: torch.Tensor  # [N, 3, S, S] in [0, 1]
+    seeds: list[int]
+
+
+@dataclass(frozen=True)
+class BaseHash:
+    """The base's content hash: of every file of its local folder, or of the model id when there is none."""
+
+    sha256: str
+    of: str  # "files" or "model id"
+
+
+def base_hash(bank: Bank) -> BaseHash:
+    """Hash the base the way both the writer and the reader of rollouts do (a real base: minutes of I/O)."""
+    if bank.base_dir is None:
+        return BaseHash(_sha256_text(bank.spec.base.model), "model id")
+    listing = "".join(f"{name} {digest}\n" for name, digest in tree_hashes(bank.base_dir).items())
+    return BaseHash(_sha256_text(listing), "files")
+
+
+def teacher_sha256(effect: Effect) -> str:
+    """The teacher LoRA file's sha256, combined with its adapter_config.json's when there is one."""
+    config = effect.teacher.parent / ADAPTER_CONFIG
+    if not config.is_file():
+        return file_sha256(effect.teacher)
+    listing = f"{effect.teacher.name} {file_sha256(effect.teacher)}\n{ADAPTER_CONFIG} {file_sha256(config)}\n"
+    return _sha256_text(listing)
+
+
+def select_effects(bank: Bank, effect_ids: list[str] | None) -> list[Effect]:
+    """The named effects (default: all) in bank order; an unknown id is a BankError naming the manifest."""
+    if effect_ids is None:
+        return list(bank.effects)
+    wanted = {bank.effect(effect_id).id for effect_id in effect_ids}
+    return [effect for effect in bank.effects if effect.id in wanted]
+
+
+def generate_rollouts(
+    backbone: Backbone,
+    bank: Bank,
+    effects: list[Effect],
+    base: BaseConfig,
+    sampling: SamplingConfig,
+    rollout: RolloutConfig,
+    out: Path,
+) -> dict:
+    """Sample every missing target of `effects`, then rebuild the combined index and report.json.
+    Returns the report."""
+    out = Path(out)
+    started = time.perf_counter()
+    fingerprint = base_hash(bank)
+    adapters = AdapterSet(backbone.transformer)
+    per_effect = {
+        effect.id: _roll_effect(backbone, adapters, bank, effect, fingerprint, base, sampling, rollout, out)
+        for effect in effects
+    }
+    _write_combined_index(bank, out)
+    report = {
+        "bank": bank.name,
+        "base_sha256": fingerprint.sha256,
+        "base_hash_of": fingerprint.of,
+        "effects": per_effect,
+        "totals": {
+            "computed": sum(r["computed"] for r in per_effect.values()),
+            "cached": sum(r["cached"] for r in per_effect.values()),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    }
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def load_rollouts(out: Path, bank: Bank, effect_ids: list[str]) -> dict[str, EffectRollouts]:
+    """Read the chosen effects' rollouts, refusing any that are missing or no longer match the bank
+    (teacher, base, source or prompt changed), so a trainer never learns from stale targets."""
+    out = Path(out)
+    fingerprint = base_hash(bank)
+    return {effect_id: _load_effect(out, bank, bank.effect(effect_id), fingerprint) for effect_id in effect_ids}
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def _roll_effect(
+    backbone: Backbone,
+    adapters: AdapterSet,
+    bank: Bank,
+    effect: Effect,
+    fingerprint: BaseHash,
+    base: BaseConfig,
+    sampling: SamplingConfig,
+    rollout: RolloutConfig,
+    out: Path,
+) -> dict:
+    started = time.perf_counter()
+    folder = out / effect.id
+    teacher = teacher_sha256(effect)
+    sources = bank.load_pairs(effect)[0]
+    settings = {
+        "teacher_steps": sampling.teacher_steps,
+        "teacher_cfg_scale": sampling.teacher_cfg_scale,
+        "shift": sampling.shift,
+        "negative_prompt": sampling.negative_prompt,
+        "teacher_cfg_norm": sampling.teacher_cfg_norm,
+        "resolution": base.resolution,
+        "dtype": base.dtype,
+    }
+    records, rows = [], {}  # rows: key -> (source row, seed), one entry per distinct target
+    for row, (source_path, _) in enumerate(effect.pairs):
+        source_sha = file_sha256(source_path)
+        for sample in range(rollout.samples_per_source):
+            seed = stable_seed("rollout", rollout.seed, effect.id, source_sha, sample)
+            key = _sha256_text(_canonical({
+                "base_sha256": fingerprint.sha256,
+                "teacher_sha256": teacher,
+                "source_sha256": source_sha,
+                "teacher_prompt": effect.prompt,
+                "sampler": settings,
+                "seed": seed,
+            }))
+            rows[key] = (row, seed)
+            records.append({
+                "effect": effect.id,
+                "source": bank.relative(source_path),
+                "source_sha256": source_sha,
+                "sample": sample,
+                "seed": seed,
+                "teacher_prompt": effect.prompt,
+                "target": f"{effect.id}/{key}.png",
+                "key": key,
+                "teacher_sha256": teacher,
+                "base_sha256": fingerprint.sha256,
+                "base_hash_of": fingerprint.of,
+                "steps": sampling.teacher_steps,
+                "cfg_scale": sampling.teacher_cfg_scale,
+            })
+
+    misses = [key for key in rows if not (folder / f"{key}.png").is_file()]
+    if misses:
+        adapters.add_teacher(effect.id, effect.teacher)
+        adapters.activate(effect.id)
+        for start in range(0, len(misses), rollout.batch_size):
+            batch = misses[start : start + rollout.batch_size]
+            picked = sources[torch.tensor([rows[key][0] for key in batch])]
+            seeds = [rows[key][1] for key in batch]
+            images = sample_teacher(backbone, picked, [effect.prompt] * len(batch), seeds, sampling).images
+            for key, image in zip(batch, images):
+                _save_png_atomic(image, folder / f"{key}.png")
+        adapters.activate(NONE)
+        adapters.drop_teacher(effect.id)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / INDEX, "".join(json.dumps(record) + "\n" for record in records))
+    _remove_stale(folder, set(rows))
+    seconds = round(time.perf_counter() - started, 3)
+    return {"computed": len(misses), "cached": len(rows) - len(misses), "seconds": seconds}
+
+
+def _save_png_atomic(image: torch.Tensor, path: Path) -> None:
+    """A killed run leaves at most a temp file, never a partial PNG under a final (cache-hit) name."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_png(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(folder: Path, keys: set[str]) -> None:
+    """Targets no longer indexed (old teacher, removed pair, other settings) and temp files of killed runs."""
+    for path in folder.iterdir():
+        stale_target = path.suffix == ".png" and not path.name.startswith(".") and path.stem not in keys
+        leftover = path.name.startswith(".") and ".tmp-" in path.name
+        if path.is_file() and (stale_target or leftover):
+            path.unlink()
+
+
+def _write_combined_index(bank: Bank, out: Path) -> None:
+    parts = [(out / e.id / INDEX).read_text(encoding="utf-8") for e in bank.effects if (out / e.id / INDEX).is_file()]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / INDEX, "".join(parts))
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def _load_effect(out: Path, bank: Bank, effect: Effect, fingerprint: BaseHash) -> EffectRollouts:
+    index = out / effect.id / INDEX
+    rerun = f"run `collectionlora rollout --effects {effect.id}`"
+    if not index.is_file():
+        raise RolloutError(f"{index}: missing: no rollouts for effect '{effect.id}'; {rerun}")
+    current = {
+        "teacher_sha256": (teacher_sha256(effect), "teacher changed since the rollout"),
+        "base_sha256": (fingerprint.sha256, "base model changed since the rollout"),
+        "teacher_prompt": (effect.prompt, "teacher prompt changed since the rollout"),
+    }
+    source_sha = {bank.relative(source): file_sha256(source) for source, _ in effect.pairs}
+    records = _read_index(index)
+    if not records:
+        raise RolloutError(f"{index}: empty; {rerun}")
+    for line, record in enumerate(records, start=1):
+        for field, (value, why) in current.items():
+            if record[field] != value:
+                raise RolloutError(f"{index}: line {line}: {field}: stale: {why}; {rerun}")
+        if source_sha.get(record["source"]) != record["source_sha256"]:
+            why = f"source {record['source']} changed or left the pairs"
+            raise RolloutError(f"{index}: line {line}: source_sha256: stale: {why}; {rerun}")
+        if not (out / record["target"]).is_file():
+            raise RolloutError(f"{index}: line {line}: target: missing file {out / record['target']}; {rerun}")
+    unrolled = sorted(set(source_sha) - {record["source"] for record in records})
+    if unrolled:
+        why = f"{len(unrolled)} pair sources have no target (e.g. {unrolled[0]})"
+        raise RolloutError(f"{index}: source: stale: {why}; {rerun}")
+    size = bank.image_size
+    return EffectRollouts(
+        effect=effect.id,
+        teacher_prompt=effect.prompt,
+        sources=torch.stack([load_png(bank.root / record["source"], size) for record in records]),
+        targets=torch.stack([load_png(out / record["target"], size) for record in records]),
+        seeds=[record["seed"] for record in records],
+    )
+
+
+def _read_index(index: Path) -> list[dict]:
+    records = []
+    for line, text in enumerate(index.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RolloutError(f"{index}: line {line}: not valid JSON ({error.msg})") from error
+        missing = [field for field in FIELDS if not isinstance(record, dict) or field not in record]
+        if missing:
+            raise RolloutError(f"{index}: line {line}: {missing[0]}: missing field")
+        records.append(record)
+    return records
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

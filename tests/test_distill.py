@@ -1,0 +1,176 @@
+"""The distill stage on a tiny real bank: streams, loss terms, export that stock diffusers loads,
+MLflow logging, the NaN guard, incremental add, and the edit command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import params_for_bank
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from collectionlora.cli import app
+from collectionlora.distill.checkpoint import list_checkpoints, load_checkpoint
+from collectionlora.distill.export import COLLECTION, KOHYA_WEIGHTS, LORA_WEIGHTS
+from collectionlora.distill.trainer import TrainingDiverged
+from collectionlora.stages import run_distill, run_rollout
+
+
+@pytest.fixture(scope="module")
+def rolled(tiny_bank: Path, tiny_params, tmp_path_factory) -> tuple[Path, Path]:
+    """A private copy of the tiny bank with rollouts for all 3 effects: (bank root, rollouts)."""
+    root = tmp_path_factory.mktemp("distill") / "data"
+    shutil.copytree(tiny_bank, root)
+    rollouts = root.parent / "rollouts"
+    run_rollout(params_for_bank(tiny_params, root, "bank-3.yaml"), rollouts, None)
+    return root, rollouts
+
+
+def _params(tiny_params, root: Path, tmp_path: Path, manifest: str = "bank.yaml", **distill):
+    return params_for_bank(
+        tiny_params, root, manifest, distill=distill, tracking={"uri": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(rolled, tiny_params, tmp_path_factory) -> tuple[Path, dict]:
+    """One default tiny run on the 2-effect bank."""
+    root, rollouts = rolled
+    tmp = tmp_path_factory.mktemp("trained")
+    summary = run_distill(_params(tiny_params, root, tmp), rollouts, tmp / "student")
+    return tmp / "student", summary
+
+
+def test_run_uses_both_streams_every_term_and_logs_them(trained):
+    out, summary = trained
+    assert summary["steps"] == 10 and summary["critic_updates"] == 10 and summary["generator_updates"] == 2
+    assert summary["effect_steps"] + summary["general_steps"] == 10
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6, 8, 10]
+    names = set().union(*history)
+    assert {"loss_critic_fm", "loss_dmd_bs", "time_forward_s", "time_backward_s", "effect_steps"} <= names
+    assert summary["time_forward_s"] > 0 and summary["time_backward_s"] > 0
+    assert summary["time_forward_s"] + summary["time_backward_s"] <= summary["time_total_s"]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 10
+
+
+def test_mlflow_run_holds_params_and_per_term_losses(trained, tmp_path):
+    import mlflow
+
+    out, _ = trained
+    database = out.parent / "mlflow" / "mlflow.db"
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    experiment = client.get_experiment_by_name("collectionlora")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["distill.p_switch"] == "0.5"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_critic_fm")] == [2, 4, 6, 8, 10]
+
+
+def test_effect_steps_use_all_three_generator_terms(rolled, tiny_params, tmp_path):
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path, pdsr=False, max_steps=2, generator_every=1, checkpoint_every=2, log_every=1)
+    run_distill(params, rollouts, tmp_path / "student")
+    history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"loss_dmd_bs", "loss_dmd_ts", "loss_ta_fm"} <= set(h) for h in history)
+    assert all(h["general_steps"] == 0 for h in history)
+
+
+def test_ablations_switch_terms_off(rolled, tiny_params, tmp_path):
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path, pdsr=False, ts=False, ta_fm=False, max_steps=2, generator_every=1, log_every=1)
+    run_distill(params, rollouts, tmp_path / "student")
+    history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_dmd_bs" in h and "loss_dmd_ts" not in h and "loss_ta_fm" not in h for h in history)
+
+
+def test_export_is_diffusers_and_kohya_with_a_collection_record(trained):
+    out, _ = trained
+    with safe_open(out / LORA_WEIGHTS, framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in keys)
+    with safe_open(out / KOHYA_WEIGHTS, framework="pt") as handle:
+        assert all(k.startswith("lora_unet_") for k in handle.keys())
+    record = json.loads((out / COLLECTION).read_text())
+    assert [e["id"] for e in record["effects"]] == [e["effect"] for e in record["prompts"]["effects"]]
+    assert record["timesteps"] == [1000, 954, 900, 833, 750, 642, 500, 300]
+    triggers = [e["trigger"] for e in record["prompts"]["effects"]]
+    assert len(set(triggers)) == len(triggers) and all(t.startswith("<") for t in triggers)
+    assert (out / "README.md").read_text().count("<") >= len(triggers)
+
+
+def test_stock_diffusers_loads_the_student_and_matches_our_sampler(trained, rolled, tiny_params):
+    """No collectionlora code on the loading side: pipe.load_lora_weights + a 1-step stock call equals
+    our student sampler's 1-step x0 prediction (the stock Euler step from sigma 1 to 0 is x0)."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from collectionlora.adapters import AdapterSet
+    from collectionlora.images import load_png, to_pil
+    from collectionlora.models.backbone import Backbone
+    from collectionlora.models.compat import condition_area, load_processor
+    from collectionlora.sampling import sample_student
+
+    out, _ = trained
+    root, _ = rolled
+    prompt = json.loads((out / COLLECTION).read_text())["prompts"]["effects"][0]["student_prompt"]
+    source = load_png(sorted((root / "eval").glob("*.png"))[0], 32)
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(root / "base", processor=load_processor(root / "base"))
+    pipe.load_lora_weights(out, weight_name=LORA_WEIGHTS)
+    latents = torch.randn((1, 64, 48), generator=torch.Generator().manual_seed(0))  # = our seed-0 noise
+    with condition_area(32 * 32):
+        stock = pipe(
+            image=[to_pil(source)], prompt=prompt, negative_prompt=None, true_cfg_scale=1.0, num_inference_steps=1,
+            height=32, width=32, latents=latents, output_type="pt", sigmas=[1.0],
+        ).images[0]
+
+    backbone = Backbone.load(tiny_params.base, root / "base")
+    adapters = AdapterSet(backbone.transformer)
+    adapters.add_teacher("student", out / LORA_WEIGHTS)
+    adapters.activate("student")
+    ours = sample_student(backbone, source[None], [prompt], [0], [1000.0]).images[0]
+    adapters.activate("none")
+    plain = sample_student(backbone, source[None], [prompt], [0], [1000.0]).images[0]
+    assert torch.allclose(stock.float().cpu(), ours, atol=2e-3)
+    assert not torch.allclose(ours, plain, atol=1e-4)  # the LoRA does something
+
+
+def test_existing_checkpoints_need_resume(trained, rolled, tiny_params):
+    out, _ = trained
+    root, rollouts = rolled
+    result = CliRunner().invoke(
+        app, ["distill", "--rollouts", str(rollouts), "--out", str(out), "--set", f"bank.root={root}", "--set", f"bank.manifest={root / 'bank.yaml'}"]
+    )
+    assert result.exit_code == 1 and "--resume" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_resume_with_changed_params_names_the_field(trained, rolled, tiny_params):
+    out, _ = trained
+    root, rollouts = rolled
+    copy = out.parent / "changed"
+    shutil.copytree(out, copy)
+    params = _params(tiny_params, root, out.parent, lr=0.5, max_steps=12)
+    with pytest.raises(Exception, match=r"fingerprint\.distill\.lr"):
+        run_distill(params, rollouts, copy, resume=True)
+
+
+def test_nan_guard_skips_counts_aborts_and_keeps_the_last_good_checkpoint(rolled, tiny_params, tmp_path):
+    """An absurd learning rate makes the weights explode: non-finite steps are skipped and counted,
+    max_nonfinite in a row abort with a clear error, and every checkpoint left holds finite weights."""
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path, max_steps=60, checkpoint_every=1, log_every=1, max_nonfinite=3, lr=1e12, critic_lr=1e12)
+    out = tmp_path / "student"
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        run_distill(params, rollouts, out)
+    skipped = [json.loads(line)["nonfinite_skipped"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert skipped[-2:] == [1, 2] or skipped[-1] in (1, 2)  # the aborting step itself is not logged
+    checkpoints = list_checkpoints(out / "checkpoints")
+    assert checkpoints, "the steps before the explosion were checkpointed"
+    for path in checkpoints:
+        tensors = load_checkpoint(path).tensors
+        assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith(("student/", "critic/")))
+    assert not (out / LORA_WEIGHTS).exists()  # nothing exported from a failed run
