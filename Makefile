@@ -25,11 +25,15 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
-## Pull the demo bank (offline, from the remote committed in dvc-storage/), validate it and preview its teachers.
+## The main job on the embedded default: pull the demo bank (offline, from the remote committed in
+## dvc-storage/), validate it, roll out its teachers, distil them into one LoRA, and print the
+## per-effect fidelity of the teachers (80 NFE) next to the student (8/4/2/1 NFE). Re-running resumes.
 demo: setup
 	$(BIN)/dvc pull --quiet data.dvc
 	$(BIN)/collectionlora validate
-	$(BIN)/collectionlora preview
+	$(BIN)/collectionlora rollout
+	$(BIN)/collectionlora distill --resume
+	$(BIN)/collectionlora fidelity
 
 test: setup
 	$(BIN)/pytest -q

@@ -23,17 +23,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
+import psutil
+import torch
 
-from collectionlora.adapters import AdapterSet  # noqa: E402
-from collectionlora.base_pretrain import general_instructions  # noqa: E402
-from collectionlora.config import load_params  # noqa: E402
-from collectionlora.effects import make_sources  # noqa: E402
-from collectionlora.lorafile import LoraWeights, base_linear_shapes, write_lora  # noqa: E402
-from collectionlora.models.backbone import Backbone  # noqa: E402
-from collectionlora.models.tiny import build_tiny_pipeline  # noqa: E402
-from collectionlora.sampling import sample_student, sample_teacher, student_timesteps  # noqa: E402
+from collectionlora.adapters import AdapterSet
+from collectionlora.base_pretrain import general_instructions
+from collectionlora.config import load_params
+from collectionlora.effects import make_sources
+from collectionlora.lorafile import LoraWeights, base_linear_shapes, write_lora
+from collectionlora.models.backbone import Backbone
+from collectionlora.models.tiny import build_tiny_pipeline
+from collectionlora.sampling import sample_student, sample_teacher, student_timesteps
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Convert the photo to black and white"

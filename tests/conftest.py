@@ -25,7 +25,7 @@ def valid_bank(bank_template: Path, tmp_path: Path) -> Path:
 
 
 # ---- the embedded tiny pipeline ------------------------------------------------------------------
-import os  # noqa: E402
+import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -33,7 +33,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
-from collectionlora.config import Params, load_params  # noqa: E402
+from collectionlora.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 # CI-sized versions of params.yaml: the same code, a 2-layer model and a few steps per stage.

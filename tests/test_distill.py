@@ -94,7 +94,7 @@ def test_export_is_diffusers_and_kohya_with_a_collection_record(trained):
         keys = list(handle.keys())
     assert keys and all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in keys)
     with safe_open(out / KOHYA_WEIGHTS, framework="pt") as handle:
-        assert all(k.startswith("lora_unet_") for k in handle.keys())
+        assert all(k.startswith("lora_unet_") for k in handle.keys())  # noqa: SIM118 (safe_open has no __iter__)
     record = json.loads((out / COLLECTION).read_text())
     assert [e["id"] for e in record["effects"]] == [e["effect"] for e in record["prompts"]["effects"]]
     assert record["timesteps"] == [1000, 954, 900, 833, 750, 642, 500, 300]
@@ -117,7 +117,7 @@ def test_stock_diffusers_loads_the_student_and_matches_our_sampler(trained, roll
     out, _ = trained
     root, _ = rolled
     prompt = json.loads((out / COLLECTION).read_text())["prompts"]["effects"][0]["student_prompt"]
-    source = load_png(sorted((root / "eval").glob("*.png"))[0], 32)
+    source = load_png(min((root / "eval").glob("*.png")), 32)
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(root / "base", processor=load_processor(root / "base"))
     pipe.load_lora_weights(out, weight_name=LORA_WEIGHTS)
@@ -174,3 +174,60 @@ def test_nan_guard_skips_counts_aborts_and_keeps_the_last_good_checkpoint(rolled
         tensors = load_checkpoint(path).tensors
         assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith(("student/", "critic/")))
     assert not (out / LORA_WEIGHTS).exists()  # nothing exported from a failed run
+
+
+def test_edit_command_applies_one_effect_or_a_composition(trained, rolled, tmp_path):
+    from PIL import Image
+
+    from collectionlora.images import load_png
+
+    out, _ = trained
+    root, _ = rolled
+    effects = [e["effect"] for e in json.loads((out / COLLECTION).read_text())["prompts"]["effects"]]
+    image = tmp_path / "photo.png"
+    Image.open(min((root / "eval").glob("*.png"))).resize((48, 40)).save(image)  # any size is fitted
+    runner = CliRunner()
+
+    def edit(name: str, *extra: str):
+        result = runner.invoke(app, ["edit", "--collection", str(out), "--image", str(image), "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        return load_png(tmp_path / name, 32)
+
+    eight = edit("a.png", "--effect", effects[0])
+    assert torch.equal(eight, edit("again.png", "--effect", effects[0]))  # seeded
+    assert not torch.equal(eight, edit("one.png", "--effect", effects[0], "--steps", "1"))
+    assert not torch.equal(eight, edit("ab.png", "--effect", effects[0], "--then", effects[1]))
+    bad = runner.invoke(app, ["edit", "--collection", str(out), "--image", str(image), "--out", str(tmp_path / "x.png"), "--effect", "nope"])
+    assert bad.exit_code == 1 and "no effect 'nope'" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_incremental_add_keeps_old_triggers_and_reports_old_effects(trained, rolled, tiny_params, tmp_path):
+    out, _ = trained
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path, manifest="bank-3.yaml")
+    summary = run_distill(params, rollouts, tmp_path / "grown", warm_start=out)
+    old = json.loads((out / COLLECTION).read_text())["prompts"]["effects"]
+    grown = json.loads((tmp_path / "grown" / COLLECTION).read_text())["prompts"]["effects"]
+    assert [e["trigger"] for e in grown[: len(old)]] == [e["trigger"] for e in old]
+    report = json.loads((tmp_path / "grown" / "incremental_report.json").read_text())
+    assert report["old_effects"] == [e["effect"] for e in old] and report["added"] == [grown[-1]["effect"]]
+    assert set(report["before"]) == set(report["after"]) == set(report["old_effects"])
+    assert all(0 <= row["judge_rate"] <= 1 for row in report["after"].values())
+    assert summary["steps"] == 2 * 1 * 5  # generator_steps_per_effect x added effects x generator_every
+    assert (tmp_path / "grown" / LORA_WEIGHTS).read_bytes() != (out / LORA_WEIGHTS).read_bytes()
+
+    with pytest.raises(Exception, match="nothing to add"):
+        run_distill(params, rollouts, tmp_path / "again", warm_start=tmp_path / "grown")
+
+
+def test_fidelity_report_puts_teachers_and_student_side_by_side(trained, rolled, tiny_params, tmp_path):
+    from collectionlora.evaluate.collection_report import collection_fidelity
+
+    out, _ = trained
+    root, _ = rolled
+    report = collection_fidelity(_params(tiny_params, root, tmp_path), out, [8, 1], tmp_path)
+    assert list(report["methods"]) == ["teacher_8nfe", "student_8nfe", "student_1nfe"]
+    assert set(report["methods"]["student_1nfe"]) == set(report["effects"])
+    assert all("psnr_reference_db" in row for row in report["methods"]["student_8nfe"].values())
+    assert "| **mean** |" in (tmp_path / "fidelity.md").read_text()

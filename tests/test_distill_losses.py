@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from collectionlora.distill import schedule
-from collectionlora.distill.losses import add_noise, dmd_gradient, dmd_loss, flow_matching_loss
+from collectionlora.distill.losses import (
+    add_noise,
+    dmd_gradient,
+    dmd_loss,
+    flow_matching_loss,
+)
 from collectionlora.sampling import shift_timestep
 
 

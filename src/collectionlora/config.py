@@ -192,7 +192,9 @@ class DistillConfig(Section):
     ta_fm: bool
     ta_fm_weight: float = Field(ge=0)
     ta_fm_timestep: Literal["paper", "reference"]  # reference: shifted twice, lower-bounded by the BS time
-    critic_reuses_generator_sample: bool  # reference: false (a second backward simulation)
+    # true: the critic trains on the generator step's student samples until the next generator step
+    # (fresh noise and time each update); reference (false): a fresh backward simulation every update
+    critic_reuses_generator_sample: bool
     seed: int
     checkpoint_every: int = Field(ge=1)
     keep_checkpoints: int = Field(ge=1)

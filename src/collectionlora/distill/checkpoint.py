@@ -42,6 +42,10 @@ class TrainState:
     nonfinite_skipped: int = 0
     nonfinite_in_a_row: int = 0
     tracking_run_id: str | None = None  # the MLflow run a resumed run continues
+    # The last generator step's batch (rebuilt from these) and samples, reused by critic-only steps.
+    cached_step: int | None = None
+    cached_stream: str | None = None
+    cached_effect: str | None = None
 
 
 @dataclass

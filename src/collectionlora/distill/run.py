@@ -287,7 +287,7 @@ def _old_effect_fidelity(backbone, adapters, bank, plan, effect_ids, timesteps, 
     sources = bank.load_eval_sources()
     adapters.activate(STUDENT)
 
-    def edit(images: torch.Tensor, prompt: str, seeds: list[int]) -> torch.Tensor:
-        return sample_student(backbone, images, [prompt] * len(images), seeds, timesteps).images
+    def edit(effect_id: str, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        return sample_student(backbone, images, [plan.student(effect_id)] * len(images), seeds, timesteps).images
 
-    return effect_fidelity(edit, [(e, plan.student(e)) for e in effect_ids], sources, judge, params.distill.seed)
+    return effect_fidelity(edit, effect_ids, sources, judge, params.distill.seed)[0]

@@ -21,7 +21,11 @@ import torch
 from collectionlora.adapters import AdapterSet
 from collectionlora.config import DistillConfig, SamplingConfig
 from collectionlora.distill import schedule
-from collectionlora.distill.checkpoint import TrainState, optimizer_tensors, restore_optimizer
+from collectionlora.distill.checkpoint import (
+    TrainState,
+    optimizer_tensors,
+    restore_optimizer,
+)
 from collectionlora.distill.data import DistillData, EffectSchedule, StepBatch
 from collectionlora.distill.losses import add_noise, dmd_loss, flow_matching_loss
 from collectionlora.distill.parallel import World, all_ranks_agree, average_gradients
@@ -44,8 +48,9 @@ class Timings:
     forward: float = 0.0
     backward: float = 0.0
     total: float = 0.0
+    teacher_switch: float = 0.0  # activating the step's teacher (copying its LoRA into a slot)
     forwards: int = 0  # transformer forward calls
-    forward_items: int = 0  # items through those forwards
+    forward_items: int = 0  # items through those forwards (a CFG teacher call counts its two halves)
 
     def as_dict(self) -> dict[str, float]:
         other = max(self.total - self.forward - self.backward, 0.0)
@@ -54,7 +59,9 @@ class Timings:
             "time_backward_s": self.backward,
             "time_other_s": other,
             "time_total_s": self.total,
+            "time_teacher_switch_s": self.teacher_switch,
             "transformer_forwards": self.forwards,
+            "transformer_forward_items": self.forward_items,
         }
 
 
@@ -98,6 +105,7 @@ class Distiller:
         self.opt_student = torch.optim.AdamW(list(self.student.values()), lr=config.lr, betas=betas, weight_decay=config.weight_decay)
         self.opt_critic = torch.optim.AdamW(list(self.critic.values()), lr=config.critic_lr, betas=betas, weight_decay=config.weight_decay)
         self.state = TrainState()
+        self._cached_sample: torch.Tensor | None = None
         self.timings = Timings()
         self._device_sync: Callable[[], None] = (
             torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
@@ -106,25 +114,43 @@ class Distiller:
     # ---- one iteration --------------------------------------------------------------------------
     def step(self) -> StepLog:
         started = time.perf_counter()
-        step = self.state.step
-        stream = self.router.stream(step)
-        effect = self.effects.pick(self.state.effect_batches) if stream == EFFECT else None
-        batch = self.data.batch(stream, effect, step, self.config.seed, self._my_items())
-        log = StepLog(stream=stream)
-        sample = None
-        if step % self.config.generator_every == 0:
+        step, state = self.state.step, self.state
+        generator_step = step % self.config.generator_every == 0
+        reuse = self.config.critic_reuses_generator_sample and not generator_step and self._cached_sample is not None
+        if reuse:
+            batch = self._batch(state.cached_stream, state.cached_effect, state.cached_step)
+        else:
+            stream = self.router.stream(step)
+            effect = self.effects.pick(state.effect_batches) if stream == EFFECT else None
+            batch = self._batch(stream, effect, step)
+            self._count_batch(stream)
+        log = StepLog(stream=batch.stream)
+        sample = self._cached_sample if reuse else None
+        if generator_step:
             losses, sample, ok = self._generator_update(batch, step)
             log.losses.update(losses)
             log.skipped |= not ok
-            self.state.generator_updates += ok
-        critic_loss, ok = self._critic_update(batch, step, sample if self.config.critic_reuses_generator_sample else None)
+            state.generator_updates += ok
+            if self.config.critic_reuses_generator_sample:
+                self._cached_sample = sample
+                state.cached_step, state.cached_stream, state.cached_effect = step, batch.stream, batch.effect
+        critic_loss, ok = self._critic_update(batch, step, sample)
         log.losses["critic_fm"] = critic_loss
         log.skipped |= not ok
-        self.state.critic_updates += ok
-        self._advance(stream, log.skipped)
+        state.critic_updates += ok
+        self._advance(batch.stream, log.skipped)
         self._device_sync()
         self.timings.total += time.perf_counter() - started
         return log
+
+    def _batch(self, stream: str, effect: str | None, step: int) -> StepBatch:
+        return self.data.batch(stream, effect, step, self.config.seed, self._my_items())
+
+    def _count_batch(self, stream: str) -> None:
+        if stream == EFFECT:
+            self.state.effect_batches += 1
+        else:
+            self.state.general_batches += 1
 
     def _my_items(self) -> list[int]:
         """This rank's slice of the step's global batch (item ids key every per-item draw)."""
@@ -135,10 +161,6 @@ class Distiller:
         state = self.state
         state.step += 1
         state.stream_counts[stream] += 1
-        if stream == EFFECT:
-            state.effect_batches += 1
-        else:
-            state.general_batches += 1
         if skipped:
             state.nonfinite_skipped += 1
             state.nonfinite_in_a_row += 1
@@ -169,7 +191,9 @@ class Distiller:
     @torch.no_grad()
     def _teacher_x0(self, batch: StepBatch, x_t: torch.Tensor, t: torch.Tensor, copies: int) -> torch.Tensor:
         """The real score: the effect teacher (or the frozen base) with its own prompt and CFG."""
+        started = time.perf_counter()
         self.adapters.activate(batch.teacher)
+        self.timings.teacher_switch += time.perf_counter() - started
         condition = batch.condition.repeat(copies, 1, 1)
         scale = self.sampling.teacher_cfg_scale
         self._device_sync()
@@ -199,6 +223,12 @@ class Distiller:
             x[rows] = add_noise(x0, noise, sigma_next)
         return x
 
+    def _shared_index(self, step: int, purpose: str, count: int) -> torch.Tensor:
+        """j ~ U{0..N-1}, one per step for the whole (global) batch like the reference's per-batch draw:
+        the simulation then runs exactly j full-batch forwards."""
+        u = schedule.uniform_items(self.config.seed, step, purpose, [0])
+        return schedule.generator_index(u, len(self.timesteps)).expand(count)
+
     def _step_list_times(self, index: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.timesteps, dtype=torch.float64)[index]
 
@@ -210,7 +240,7 @@ class Distiller:
         def uniform(purpose: str) -> torch.Tensor:
             return schedule.uniform_items(seed, step, purpose, items)
 
-        index = schedule.generator_index(uniform("bs-index"), len(self.timesteps))
+        index = self._shared_index(step, "bs-index", len(items))
         inputs = [self._simulate(batch, step, "bs", index)]
         times = [self._step_list_times(index)]
         bs_critic_t = schedule.critic_timesteps(uniform("bs-critic-t"), 0, schedule.GRID, shift)
@@ -267,7 +297,7 @@ class Distiller:
         seed, items = self.config.seed, batch.items
         if sample is None:  # a fresh backward-simulated student sample
             with torch.no_grad():
-                index = schedule.generator_index(schedule.uniform_items(seed, step, "critic-index", items), len(self.timesteps))
+                index = self._shared_index(step, "critic-index", len(items))
                 x_t = self._simulate(batch, step, "critic", index)
                 sample = self._x0(STUDENT, x_t, self._step_list_times(index), batch.condition, batch.student_text)
         t = schedule.critic_timesteps(schedule.uniform_items(seed, step, "critic-t", items), 0, schedule.GRID, self.sampling.shift)
@@ -306,6 +336,8 @@ class Distiller:
         out.update(optimizer_tensors("opt_student", self.opt_student, list(self.student)))
         out.update(optimizer_tensors("opt_critic", self.opt_critic, list(self.critic)))
         out["rng/torch_cpu"] = torch.get_rng_state()
+        if self._cached_sample is not None:
+            out["cache/sample"] = self._cached_sample.detach().cpu().clone()
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], with_optimizers: bool = True) -> None:
@@ -320,6 +352,8 @@ class Distiller:
             restore_optimizer("opt_student", self.opt_student, list(self.student), tensors)
             restore_optimizer("opt_critic", self.opt_critic, list(self.critic), tensors)
             torch.set_rng_state(tensors["rng/torch_cpu"])
+            if "cache/sample" in tensors:
+                self._cached_sample = tensors["cache/sample"].to(self.backbone.device, self.backbone.dtype)
 
     def parameters_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in [*self.student.values(), *self.critic.values()])

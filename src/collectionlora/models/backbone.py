@@ -53,7 +53,7 @@ class PromptEmbeds:
         return self.embeds.shape[0]
 
     @staticmethod
-    def stack(rows: list[torch.Tensor]) -> "PromptEmbeds":
+    def stack(rows: list[torch.Tensor]) -> PromptEmbeds:
         """Pad per-item [L_i, D] states to one batch with a mask, as the pipeline does."""
         longest = max(r.shape[0] for r in rows)
         embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], r.shape[1])]) for r in rows])
@@ -69,15 +69,15 @@ class PromptEmbeds:
             return list(self.embeds)
         return [e[: int(m.sum())] for e, m in zip(self.embeds, self.mask)]
 
-    def cat(self, other: "PromptEmbeds") -> "PromptEmbeds":
+    def cat(self, other: PromptEmbeds) -> PromptEmbeds:
         return PromptEmbeds.stack(self.unpadded() + other.unpadded())
 
-    def select(self, take_other: torch.Tensor, other: "PromptEmbeds") -> "PromptEmbeds":
+    def select(self, take_other: torch.Tensor, other: PromptEmbeds) -> PromptEmbeds:
         """Row i from `other` where take_other[i], else from self (prompt dropout)."""
         mine, theirs = self.unpadded(), other.unpadded()
         return PromptEmbeds.stack([theirs[i] if flag else mine[i] for i, flag in enumerate(take_other.tolist())])
 
-    def index(self, rows: torch.Tensor) -> "PromptEmbeds":
+    def index(self, rows: torch.Tensor) -> PromptEmbeds:
         items = self.unpadded()
         return PromptEmbeds.stack([items[i] for i in rows.tolist()])
 
@@ -112,7 +112,7 @@ class Backbone:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, config: BaseConfig, path: Path | None = None) -> "Backbone":
+    def load(cls, config: BaseConfig, path: Path | None = None) -> Backbone:
         """Load the embedded pipeline from `path` (default `config.path`) or a real one by path or hub id."""
         pipeline_class = PIPELINES[config.pipeline]
         dtype = DTYPES[config.dtype]

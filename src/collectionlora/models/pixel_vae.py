@@ -44,7 +44,7 @@ class PixelShuffleVAE(ModelMixin, ConfigMixin):
         self.temperal_downsample = list(temperal_downsample)
 
     @classmethod
-    def for_factor(cls, factor: int) -> "PixelShuffleVAE":
+    def for_factor(cls, factor: int) -> PixelShuffleVAE:
         channels = 3 * factor * factor
         return cls(factor, channels, (0.0,) * channels, (0.5,) * channels, (False,) * int(math.log2(factor)))
 
