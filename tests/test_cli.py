@@ -11,7 +11,7 @@ import yaml
 
 from collectionlora.effects import catalog
 
-COMMANDS = [[], ["effects", "list"], ["demo-bank", "build"], ["teachers", "train"], ["judge", "train"], ["validate"], ["preview"]]
+COMMANDS = [[], ["effects", "list"], ["demo-bank", "build"], ["teachers", "train"], ["judge", "train"], ["validate"], ["preview"], ["rollout"], ["distill"], ["edit"], ["fidelity"]]
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

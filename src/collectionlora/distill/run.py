@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from collectionlora.adapters import AdapterSet
 from collectionlora.bank import Bank, file_sha256, load_bank
-from collectionlora.config import Params
+from collectionlora.config import DistillConfig, Params
 from collectionlora.distill import export
 from collectionlora.distill.checkpoint import (
     CheckpointError,
@@ -139,7 +139,7 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
         logger.close(status)
     if not world.is_main:
         return summary
-    record = _export(distiller, adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start)
+    record = _export(adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start)
     summary["seconds"] = time.perf_counter() - started
     if warm_start is not None:
         after = _old_effect_fidelity(backbone, adapters, bank, plan, old_effects, timesteps, params)
@@ -196,7 +196,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _train(distiller: Distiller, max_steps: int, config, out: Path, fingerprint: dict, logger: RunLogger, world: World) -> dict:
+def _train(distiller: Distiller, max_steps: int, config: DistillConfig, out: Path, fingerprint: dict, logger: RunLogger, world: World) -> dict:
     """Step until max_steps: log every log_every, checkpoint every checkpoint_every and at the end."""
     window: dict[str, list[float]] = defaultdict(list)
     state = distiller.state
@@ -255,7 +255,9 @@ def _truncate_history(path: Path, step: int, world: World) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
-def _export(distiller, adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start) -> dict:
+def _export(
+    adapters: AdapterSet, plan: PromptPlan, bank: Bank, params: Params, out: Path, timesteps: list[float], summary: dict, rollouts: Path, warm_start: Path | None
+) -> dict:
     files = export.export_student(
         adapters.lora_state_dict(STUDENT), params.distill.alpha, out, params.distill.save_dtype, params.distill.kohya_export
     )
@@ -279,7 +281,9 @@ def _export(distiller, adapters, plan, bank, params, out, timesteps, summary, ro
     return record
 
 
-def _old_effect_fidelity(backbone, adapters, bank, plan, effect_ids, timesteps, params) -> dict:
+def _old_effect_fidelity(
+    backbone: Backbone, adapters: AdapterSet, bank: Bank, plan: PromptPlan, effect_ids: list[str], timesteps: list[float], params: Params
+) -> dict:
     """Judge rate (and PSNR to ground truth) of the student on eval sources for `effect_ids`."""
     if bank.judge is None:
         return {}
