@@ -93,10 +93,6 @@ class DistillData:
             else []
         )
 
-    @property
-    def effect_ids(self) -> list[str]:
-        return list(self._effects)
-
     def batch(self, stream: Stream, effect: str | None, step: int, seed: int, items: list[int]) -> StepBatch:
         """Rows for this rank's `items` of the step's global batch, drawn per item (rank-independent)."""
         if stream == EFFECT:
