@@ -57,6 +57,7 @@ TINY_OVERRIDES = {
     "prompting": {"trigger_candidates": 4},
     "distill": {
         "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "checkpoint_every": 5, "log_every": 2,
+        "generator_every": 5, "lr": 0.001, "ts_weight": 1.0,  # the paper's two time scales and weights
     },
     "incremental": {"generator_steps_per_effect": 2},
 }
