@@ -92,7 +92,7 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
         raise CollectionLoraError(f"{params.bank.manifest}: effects: the bank lacks {missing} of the collection {warm_start}")
 
     targets = load_rollouts(rollouts, bank, effect_ids)
-    plan = _prompt_plan(backbone, bank, params, out, old_record, new_effects, world)
+    plan = _prompt_plan(backbone, bank, params, out, old_record, new_effects, world, reuse=bool(checkpoints))
     for effect in bank.effects:
         adapters.add_teacher(effect.id, effect.teacher)
     adapters.add_trainable(STUDENT, config.rank, config.alpha, config.targets, config.seed)
@@ -121,7 +121,10 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
         distiller.load_tensors(checkpoint.tensors)
         distiller.state = checkpoint.state
     elif warm_start is not None:
-        distiller.load_tensors(load_checkpoint(list_checkpoints(Path(warm_start) / CHECKPOINTS)[-1]).tensors, with_optimizers=False)
+        previous = list_checkpoints(Path(warm_start) / CHECKPOINTS)
+        if not previous:
+            raise CheckpointError(f"{Path(warm_start) / CHECKPOINTS}: no checkpoint to warm-start from (the student and critic are read from it)")
+        distiller.load_tensors(load_checkpoint(previous[-1]).tensors, with_optimizers=False)
         if world.is_main:
             before = _old_effect_fidelity(backbone, adapters, bank, plan, old_effects, timesteps, params)
     broadcast_parameters(distiller.trainable, world)
@@ -151,11 +154,13 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     return summary
 
 
-def _prompt_plan(backbone: Backbone, bank: Bank, params: Params, out: Path, old_record: dict | None, new_effects: list[str], world: World) -> PromptPlan:
+def _prompt_plan(
+    backbone: Backbone, bank: Bank, params: Params, out: Path, old_record: dict | None, new_effects: list[str], world: World, reuse: bool
+) -> PromptPlan:
     """AOP prompts, made once by rank 0 (a VLM captioner is called once) and read by the others.
     A resumed run reuses prompts.json; an incremental run keeps the old effects' triggers."""
     path = out / PROMPTS
-    if world.is_main and not path.exists():
+    if world.is_main and not (reuse and path.exists()):
         teacher_prompts = [(e.id, e.prompt) for e in bank.effects]
 
         def pairs(effect_id: str):
