@@ -12,6 +12,7 @@ import torch
 from collectionlora import lorafile
 from collectionlora.bank import file_sha256
 from collectionlora.distill.prompting import PromptPlan
+from collectionlora.errors import CollectionLoraError
 from collectionlora.lorafile import atomic_write_text
 from collectionlora.models.backbone import DTYPES
 
@@ -51,8 +52,6 @@ def write_collection(out: Path, record: dict) -> Path:
 
 def read_collection(folder: Path) -> dict:
     """collection.json of a trained collection, with a one-line error when it is missing or broken."""
-    from collectionlora.errors import CollectionLoraError
-
     path = Path(folder) / COLLECTION
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
