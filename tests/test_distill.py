@@ -167,7 +167,7 @@ def test_nan_guard_skips_counts_aborts_and_keeps_the_last_good_checkpoint(rolled
     with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
         run_distill(params, rollouts, out)
     skipped = [json.loads(line)["nonfinite_skipped"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert skipped[-2:] == [1, 2] or skipped[-1] in (1, 2)  # the aborting step itself is not logged
+    assert skipped == sorted(skipped) and skipped[-1] >= 2  # counted; the aborting step itself is not logged
     checkpoints = list_checkpoints(out / "checkpoints")
     assert checkpoints, "the steps before the explosion were checkpointed"
     for path in checkpoints:

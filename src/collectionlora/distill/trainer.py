@@ -209,28 +209,25 @@ class Distiller:
         return self.backbone.predict_x0(x_t, t / 1000.0, velocity)
 
     @torch.no_grad()
-    def _simulate(self, batch: StepBatch, step: int, purpose: str, index: torch.Tensor) -> torch.Tensor:
-        """Backward simulation: unroll the student's sampler from noise to entry j of the step list,
-        per item, running only the forwards some item still needs."""
+    def _simulate(self, batch: StepBatch, step: int, purpose: str, index: int) -> torch.Tensor:
+        """Backward simulation: unroll the student's sampler from noise to entry `index` of the step
+        list, running exactly `index` forwards (none for index 0)."""
         seed, items = self.config.seed, batch.items
         x = schedule.noise_items(seed, step, f"{purpose}-z", items, batch.condition)
-        for k in range(int(index.max())):
-            rows = (index > k).nonzero().flatten()
-            t = torch.full((len(rows),), self.timesteps[k], dtype=torch.float64)
-            x0 = self._x0(STUDENT, x[rows], t, batch.condition[rows], batch.student_text.index(rows))
-            sigma_next = torch.full((len(rows),), self.timesteps[k + 1] / 1000.0)
-            noise = schedule.noise_items(seed, step, f"{purpose}-eps{k}", [items[i] for i in rows.tolist()], x)
-            x[rows] = add_noise(x0, noise, sigma_next)
+        for k in range(index):
+            t = torch.full((len(items),), self.timesteps[k], dtype=torch.float64)
+            x0 = self._x0(STUDENT, x, t, batch.condition, batch.student_text)
+            noise = schedule.noise_items(seed, step, f"{purpose}-eps{k}", items, x)
+            x = add_noise(x0, noise, torch.full((len(items),), self.timesteps[k + 1] / 1000.0))
         return x
 
-    def _shared_index(self, step: int, purpose: str, count: int) -> torch.Tensor:
-        """j ~ U{0..N-1}, one per step for the whole (global) batch like the reference's per-batch draw:
-        the simulation then runs exactly j full-batch forwards."""
+    def _shared_index(self, step: int, purpose: str) -> int:
+        """j ~ U{0..N-1}, one per step for the whole (global) batch like the reference's per-batch draw."""
         u = schedule.uniform_items(self.config.seed, step, purpose, [0])
-        return schedule.generator_index(u, len(self.timesteps)).expand(count)
+        return int(schedule.generator_index(u, len(self.timesteps))[0])
 
-    def _step_list_times(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.timesteps, dtype=torch.float64)[index]
+    def _step_list_times(self, index: int, count: int) -> torch.Tensor:
+        return torch.full((count,), float(self.timesteps[index]), dtype=torch.float64)
 
     # ---- generator ------------------------------------------------------------------------------
     def _generator_update(self, batch: StepBatch, step: int) -> tuple[dict[str, float], torch.Tensor, bool]:
@@ -240,9 +237,9 @@ class Distiller:
         def uniform(purpose: str) -> torch.Tensor:
             return schedule.uniform_items(seed, step, purpose, items)
 
-        index = self._shared_index(step, "bs-index", len(items))
+        index = self._shared_index(step, "bs-index")
         inputs = [self._simulate(batch, step, "bs", index)]
-        times = [self._step_list_times(index)]
+        times = [self._step_list_times(index, len(items))]
         bs_critic_t = schedule.critic_timesteps(uniform("bs-critic-t"), 0, schedule.GRID, shift)
         use_ts = batch.stream == EFFECT and config.ts
         use_fm = batch.stream == EFFECT and config.ta_fm
@@ -297,9 +294,9 @@ class Distiller:
         seed, items = self.config.seed, batch.items
         if sample is None:  # a fresh backward-simulated student sample
             with torch.no_grad():
-                index = self._shared_index(step, "critic-index", len(items))
+                index = self._shared_index(step, "critic-index")
                 x_t = self._simulate(batch, step, "critic", index)
-                sample = self._x0(STUDENT, x_t, self._step_list_times(index), batch.condition, batch.student_text)
+                sample = self._x0(STUDENT, x_t, self._step_list_times(index, len(items)), batch.condition, batch.student_text)
         t = schedule.critic_timesteps(schedule.uniform_items(seed, step, "critic-t", items), 0, schedule.GRID, self.sampling.shift)
         noise = schedule.noise_items(seed, step, "critic-noise", items, sample)
         velocity = self._velocity(CRITIC, add_noise(sample, noise, t / 1000.0), t, batch.condition, batch.student_text)
