@@ -56,7 +56,7 @@ TINY_OVERRIDES = {
     "rollout": {"batch_size": 4},
     "prompting": {"trigger_candidates": 4},
     "distill": {
-        "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "checkpoint_every": 5, "log_every": 2,
+        "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "effects_per_batch": 2, "checkpoint_every": 5, "log_every": 2,
         "generator_every": 5, "lr": 0.001, "ts_weight": 1.0,  # the paper's two time scales and weights
     },
     "incremental": {"generator_steps_per_effect": 2},

@@ -17,6 +17,7 @@ from collectionlora.cli import app
 from collectionlora.distill.checkpoint import list_checkpoints, load_checkpoint
 from collectionlora.distill.export import COLLECTION, KOHYA_WEIGHTS, LORA_WEIGHTS
 from collectionlora.distill.trainer import TrainingDiverged
+from collectionlora.errors import ConfigError
 from collectionlora.stages import run_distill, run_rollout
 
 
@@ -78,6 +79,22 @@ def test_effect_steps_use_all_three_generator_terms(rolled, tiny_params, tmp_pat
     history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all({"loss_dmd_bs", "loss_dmd_ts", "loss_ta_fm"} <= set(h) for h in history)
     assert all(h["general_steps"] == 0 for h in history)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_an_effect_step_loads_one_teacher_per_effect_group(rolled, tiny_params, tmp_path, groups):
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path, pdsr=False, max_steps=1, generator_every=1, effects_per_batch=groups)
+    summary = run_distill(params, rollouts, tmp_path / "student")
+    assert summary["effect_steps"] == 1 and summary["teacher_loads"] == groups
+
+
+def test_effect_groups_must_fit_the_global_batch(rolled, tiny_params, tmp_path):
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path, effects_per_batch=3)
+    with pytest.raises(ConfigError, match=r"distill.effects_per_batch: 3 effects do not fit a global batch of 2"):
+        run_distill(params, rollouts, tmp_path / "student")
+    assert not (tmp_path / "student" / LORA_WEIGHTS).exists()
 
 
 def test_ablations_switch_terms_off(rolled, tiny_params, tmp_path):

@@ -121,9 +121,17 @@ class AdapterSet:
         if name == self.active:
             return
         self.switches += 1
+        if self._shares_active_slot(name):  # teacher to teacher: new weights, same peft state
+            self._load_teacher(name)
+            self.active = name
+            return
         self._apply(name)
         self.active = name
         self._restore_grad_rule()
+
+    def _shares_active_slot(self, name: str) -> bool:
+        current = self._teachers.get(self.active)
+        return current is not None and name in self._teachers and self._teachers[name].slot == current.slot
 
     def _apply(self, name: str) -> None:
         """Put the transformer in `name`'s state (peft also changes it when adapters are added or deleted)."""

@@ -177,6 +177,10 @@ class DistillConfig(Section):
     max_steps: int = Field(ge=1)  # iterations; the critic updates every iteration
     generator_every: int = Field(ge=1)  # generator update when step % generator_every == 0
     batch_size: int = Field(ge=1)  # per process
+    # effects in one effect-stream step, each on its share of the global batch (batch_size x processes,
+    # which must hold them), one teacher call per effect; the reference gets several from its
+    # one-effect-per-GPU ranks; 1 = one effect per step
+    effects_per_batch: int = Field(ge=1)
     lr: float = Field(gt=0)
     critic_lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
@@ -185,6 +189,7 @@ class DistillConfig(Section):
     p_switch: float = Field(ge=0, le=1)  # probability of the effect stream
     route_every: int = Field(ge=1)  # 1 = a draw per step (paper); 20 = the reference's blocks
     sync_routing: bool  # the same draw on every rank (reference: false, per-rank draws)
+    bs_weight: float = Field(ge=0)  # BS-DMD; 1 in the paper (0 only for diagnostics)
     ts: bool
     ts_weight: float = Field(ge=0)
     ts_generator_last: int = Field(ge=1)  # TS generator time from the last N entries of the step list

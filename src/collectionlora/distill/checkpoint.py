@@ -34,7 +34,7 @@ class TrainState:
     """Everything besides tensors that the next step depends on."""
 
     step: int = 0
-    effect_batches: int = 0  # data positions: effect-stream steps taken so far
+    effect_batches: int = 0  # data position: effect-stream steps taken so far
     general_batches: int = 0
     generator_updates: int = 0
     critic_updates: int = 0
@@ -45,7 +45,7 @@ class TrainState:
     # The last generator step's batch (rebuilt from these) and samples, reused by critic-only steps.
     cached_step: int | None = None
     cached_stream: str | None = None
-    cached_effect: str | None = None
+    cached_effects: list[str] | None = None
 
 
 @dataclass

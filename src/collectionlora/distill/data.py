@@ -20,11 +20,12 @@ from collectionlora.models.backbone import Backbone, PromptEmbeds
 
 @dataclass
 class StepBatch:
-    """One rank's share of a step: `teacher` is the adapter to activate (NONE = the frozen base)."""
+    """One rank's share of a step. Per row: its effect (None in the general stream) and the teacher
+    adapter that scores it (NONE = the frozen base)."""
 
     stream: Stream
-    effect: str | None
-    teacher: str
+    effects: list[str | None]
+    teachers: list[str]
     condition: torch.Tensor
     student_text: PromptEmbeds
     teacher_text: PromptEmbeds
@@ -93,10 +94,13 @@ class DistillData:
             else []
         )
 
-    def batch(self, stream: Stream, effect: str | None, step: int, seed: int, items: list[int]) -> StepBatch:
-        """Rows for this rank's `items` of the step's global batch, drawn per item (rank-independent)."""
+    def batch(self, stream: Stream, row_effects: Sequence[str] | None, step: int, seed: int, items: list[int]) -> StepBatch:
+        """Rows for this rank's `items` of the step's global batch, drawn per item (rank-independent);
+        in the effect stream `row_effects[i]` is the effect of `items[i]`."""
         if stream == EFFECT:
-            return self._effect_batch(effect, step, seed, items)
+            if row_effects is None or len(row_effects) != len(items):
+                raise ValueError("an effect-stream batch needs one effect per item")
+            return self._effect_batch(list(row_effects), step, seed, items)
         if stream == GENERAL:
             return self._general_batch(step, seed, items)
         raise ValueError(f"unknown stream {stream!r}")
@@ -104,21 +108,24 @@ class DistillData:
     def _rows(self, count: int, step: int, seed: int, purpose: str, items: list[int]) -> list[int]:
         return [int(u * count) % count for u in schedule.uniform_items(seed, step, purpose, items).tolist()]
 
-    def _effect_batch(self, effect: str | None, step: int, seed: int, mine: list[int]) -> StepBatch:
-        if effect not in self._effects:
-            raise KeyError(f"no rollouts for effect {effect!r}")
-        data = self._effects[effect]
-        rows = self._rows(len(data.condition), step, seed, f"rows-{effect}", mine)
-        pick = torch.tensor(rows)
+    def _effect_batch(self, row_effects: list[str], step: int, seed: int, mine: list[int]) -> StepBatch:
+        unknown = sorted(set(row_effects) - set(self._effects))
+        if unknown:
+            raise KeyError(f"no rollouts for effect {unknown[0]!r}")
+        rows = [
+            self._rows(len(self._effects[effect].condition), step, seed, f"rows-{effect}", [item])[0]
+            for effect, item in zip(row_effects, mine)
+        ]
+        encoded = [self._effects[effect] for effect in row_effects]
         return StepBatch(
             stream=EFFECT,
-            effect=effect,
-            teacher=effect,
-            condition=data.condition[pick],
-            student_text=PromptEmbeds.stack([data.student[r] for r in rows]),
-            teacher_text=PromptEmbeds.stack([data.teacher[r] for r in rows]),
-            uncond_text=PromptEmbeds.stack([data.uncond[r] for r in rows]),
-            target=data.target[pick],
+            effects=list(row_effects),
+            teachers=list(row_effects),
+            condition=torch.stack([data.condition[r] for data, r in zip(encoded, rows)]),
+            student_text=PromptEmbeds.stack([data.student[r] for data, r in zip(encoded, rows)]),
+            teacher_text=PromptEmbeds.stack([data.teacher[r] for data, r in zip(encoded, rows)]),
+            uncond_text=PromptEmbeds.stack([data.uncond[r] for data, r in zip(encoded, rows)]),
+            target=torch.stack([data.target[r] for data, r in zip(encoded, rows)]),
             items=mine,
         )
 
@@ -132,8 +139,8 @@ class DistillData:
         text = self.backbone.encode_prompts(prompts, self.general_sources[pick])
         return StepBatch(
             stream=GENERAL,
-            effect=None,
-            teacher=NONE,
+            effects=[None] * len(mine),
+            teachers=[NONE] * len(mine),
             condition=self._general_condition[pick],
             student_text=text,
             teacher_text=text,

@@ -30,7 +30,7 @@ from collectionlora.distill.data import DistillData, EffectSchedule, StepBatch
 from collectionlora.distill.losses import add_noise, dmd_loss, flow_matching_loss
 from collectionlora.distill.parallel import World, all_ranks_agree, average_gradients
 from collectionlora.distill.routing import EFFECT, StreamRouter
-from collectionlora.errors import CollectionLoraError
+from collectionlora.errors import CollectionLoraError, ConfigError
 from collectionlora.models.backbone import Backbone, PromptEmbeds
 
 STUDENT = "student"
@@ -101,6 +101,11 @@ class Distiller:
         self.critic = _named(backbone.transformer, CRITIC)
         if not self.student or not self.critic:
             raise ValueError("add the student and critic adapters before building the Distiller")
+        if config.effects_per_batch > config.batch_size * world.size:
+            raise ConfigError(
+                f"distill.effects_per_batch: {config.effects_per_batch} effects do not fit a global batch of "
+                f"{config.batch_size * world.size} (distill.batch_size {config.batch_size} x {world.size} processes)"
+            )
         betas = (0.9, 0.999)
         self.opt_student = torch.optim.AdamW(list(self.student.values()), lr=config.lr, betas=betas, weight_decay=config.weight_decay)
         self.opt_critic = torch.optim.AdamW(list(self.critic.values()), lr=config.critic_lr, betas=betas, weight_decay=config.weight_decay)
@@ -118,11 +123,12 @@ class Distiller:
         generator_step = step % self.config.generator_every == 0
         reuse = self.config.critic_reuses_generator_sample and not generator_step and self._cached_sample is not None
         if reuse:
-            batch = self._batch(state.cached_stream, state.cached_effect, state.cached_step)
+            effects = state.cached_effects
+            batch = self._batch(state.cached_stream, effects, state.cached_step)
         else:
             stream = self.router.stream(step)
-            effect = self.effects.pick(state.effect_batches) if stream == EFFECT else None
-            batch = self._batch(stream, effect, step)
+            effects = self._step_effects(stream)
+            batch = self._batch(stream, effects, step)
             self._count_batch(stream)
         log = StepLog(stream=batch.stream)
         sample = self._cached_sample if reuse else None
@@ -133,7 +139,7 @@ class Distiller:
             state.generator_updates += ok
             if self.config.critic_reuses_generator_sample:
                 self._cached_sample = sample
-                state.cached_step, state.cached_stream, state.cached_effect = step, batch.stream, batch.effect
+                state.cached_step, state.cached_stream, state.cached_effects = step, batch.stream, effects
         critic_loss, ok = self._critic_update(batch, step, sample)
         log.losses["critic_fm"] = critic_loss
         log.skipped |= not ok
@@ -143,8 +149,21 @@ class Distiller:
         self.timings.total += time.perf_counter() - started
         return log
 
-    def _batch(self, stream: str, effect: str | None, step: int) -> StepBatch:
-        return self.data.batch(stream, effect, step, self.config.seed, self._my_items())
+    def _step_effects(self, stream: str) -> list[str] | None:
+        """The next effect-stream step's effects, one per group of the global batch."""
+        if stream != EFFECT:
+            return None
+        groups = self.config.effects_per_batch
+        return [self.effects.pick(self.state.effect_batches * groups + g) for g in range(groups)]
+
+    def _batch(self, stream: str, effects: list[str] | None, step: int) -> StepBatch:
+        """Effect groups split the global batch into contiguous equal shares (item i -> group i*m//G)."""
+        items = self._my_items()
+        rows = None
+        if effects is not None:
+            global_size = self.config.batch_size * self.world.size
+            rows = [effects[item * len(effects) // global_size] for item in items]
+        return self.data.batch(stream, rows, step, self.config.seed, items)
 
     def _count_batch(self, stream: str) -> None:
         if stream == EFFECT:
@@ -190,22 +209,28 @@ class Distiller:
 
     @torch.no_grad()
     def _teacher_x0(self, batch: StepBatch, x_t: torch.Tensor, t: torch.Tensor, copies: int) -> torch.Tensor:
-        """The real score: the effect teacher (or the frozen base) with its own prompt and CFG."""
-        started = time.perf_counter()
-        self.adapters.activate(batch.teacher)
-        self.timings.teacher_switch += time.perf_counter() - started
+        """The real score: each row's effect teacher (or the frozen base) with its own prompt and CFG;
+        one call per teacher over all of its rows."""
+        teachers = batch.teachers * copies
         condition = batch.condition.repeat(copies, 1, 1)
+        teacher_text, uncond_text = _repeat(batch.teacher_text, copies), _repeat(batch.uncond_text, copies)
         scale = self.sampling.teacher_cfg_scale
-        self._device_sync()
-        started = time.perf_counter()
-        velocity = self.backbone.guided_velocity(
-            x_t, t / 1000.0, condition, _repeat(batch.teacher_text, copies), _repeat(batch.uncond_text, copies),
-            scale, self.sampling.teacher_cfg_norm,
-        )
-        self._device_sync()
-        self.timings.forward += time.perf_counter() - started
-        self.timings.forwards += 1
-        self.timings.forward_items += x_t.shape[0] * (2 if scale != 1.0 else 1)
+        velocity = torch.empty_like(x_t)
+        for teacher in dict.fromkeys(teachers):
+            rows = torch.tensor([i for i, name in enumerate(teachers) if name == teacher], device=x_t.device)
+            started = time.perf_counter()
+            self.adapters.activate(teacher)
+            self.timings.teacher_switch += time.perf_counter() - started
+            self._device_sync()
+            started = time.perf_counter()
+            velocity[rows] = self.backbone.guided_velocity(
+                x_t[rows], t[rows] / 1000.0, condition[rows], teacher_text.index(rows), uncond_text.index(rows),
+                scale, self.sampling.teacher_cfg_norm,
+            )
+            self._device_sync()
+            self.timings.forward += time.perf_counter() - started
+            self.timings.forwards += 1
+            self.timings.forward_items += len(rows) * (2 if scale != 1.0 else 1)
         return self.backbone.predict_x0(x_t, t / 1000.0, velocity)
 
     @torch.no_grad()
@@ -277,7 +302,7 @@ class Distiller:
         fake_parts, real_parts = fake.chunk(len(dmd_samples)), real.chunk(len(dmd_samples))
 
         terms = {"dmd_bs": dmd_loss(x0_parts[0], fake_parts[0], real_parts[0])}
-        total = terms["dmd_bs"]
+        total = config.bs_weight * terms["dmd_bs"]
         if use_ts:
             terms["dmd_ts"] = dmd_loss(x0_parts[1], fake_parts[1], real_parts[1])
             total = total + config.ts_weight * terms["dmd_ts"]
