@@ -189,7 +189,7 @@ class DistillConfig(Section):
     p_switch: float = Field(ge=0, le=1)  # probability of the effect stream
     route_every: int = Field(ge=1)  # 1 = a draw per step (paper); 20 = the reference's blocks
     sync_routing: bool  # the same draw on every rank (reference: false, per-rank draws)
-    bs_weight: float = Field(ge=0)  # BS-DMD; 1 in the paper (0 only for diagnostics)
+    bs_weight: float = Field(ge=0)  # BS-DMD; 1 in the paper
     ts: bool
     ts_weight: float = Field(ge=0)
     ts_generator_last: int = Field(ge=1)  # TS generator time from the last N entries of the step list
