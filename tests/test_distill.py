@@ -59,7 +59,7 @@ def test_run_uses_both_streams_every_term_and_logs_them(trained):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 10
 
 
-def test_mlflow_run_holds_params_and_per_term_losses(trained, tmp_path):
+def test_mlflow_run_holds_params_and_per_term_losses(trained, tiny_params, tmp_path):
     import mlflow
 
     out, _ = trained
@@ -68,7 +68,8 @@ def test_mlflow_run_holds_params_and_per_term_losses(trained, tmp_path):
     experiment = client.get_experiment_by_name("collectionlora")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params["distill.p_switch"] == "0.5"
+    assert run.data.params["distill.p_switch"] == str(tiny_params.distill.p_switch)
+    assert run.data.params["distill.effects_per_batch"] == str(tiny_params.distill.effects_per_batch)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_critic_fm")] == [2, 4, 6, 8, 10]
 
 

@@ -20,11 +20,10 @@ from collectionlora.models.backbone import Backbone, PromptEmbeds
 
 @dataclass
 class StepBatch:
-    """One rank's share of a step. Per row: its effect (None in the general stream) and the teacher
-    adapter that scores it (NONE = the frozen base)."""
+    """One rank's share of a step; `teachers[i]` is the adapter that scores row i: its effect's teacher,
+    or NONE (the frozen base) in the general stream."""
 
     stream: Stream
-    effects: list[str | None]
     teachers: list[str]
     condition: torch.Tensor
     student_text: PromptEmbeds
@@ -119,7 +118,6 @@ class DistillData:
         encoded = [self._effects[effect] for effect in row_effects]
         return StepBatch(
             stream=EFFECT,
-            effects=list(row_effects),
             teachers=list(row_effects),
             condition=torch.stack([data.condition[r] for data, r in zip(encoded, rows)]),
             student_text=PromptEmbeds.stack([data.student[r] for data, r in zip(encoded, rows)]),
@@ -139,7 +137,6 @@ class DistillData:
         text = self.backbone.encode_prompts(prompts, self.general_sources[pick])
         return StepBatch(
             stream=GENERAL,
-            effects=[None] * len(mine),
             teachers=[NONE] * len(mine),
             condition=self._general_condition[pick],
             student_text=text,
