@@ -33,6 +33,7 @@ class _Teacher:
     path: Path
     lora: lorafile.LoraWeights
     slot: str
+    values_checked: bool = False  # NaN/inf checked on the first load; later loads only copy
 
 
 class AdapterSet:
@@ -154,12 +155,13 @@ class AdapterSet:
             return teacher.slot
         params = self._slots[teacher.slot]
         with torch.no_grad():
-            for module, down, up in teacher.lora.pairs():
+            for module, down, up in teacher.lora.pairs(check_values=not teacher.values_checked):
                 params[f"{module}.lora_A"].copy_(down)
                 params[f"{module}.lora_B"].copy_(up * teacher.lora.modules[module].scale)
             missing = set(params) - {f"{m}.lora_{k}" for m in teacher.lora.ranks() for k in "AB"}
             if missing:  # cannot happen for slots built from the same rank map; guard against drift
                 raise LoraFileError(f"{teacher.path}: teacher does not cover slot modules {sorted(missing)[:3]}")
+        teacher.values_checked = True
         self._slot_content[teacher.slot] = name
         self.loads += 1
         return teacher.slot

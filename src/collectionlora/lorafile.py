@@ -101,16 +101,18 @@ class LoraWeights:
     def alphas(self) -> dict[str, float]:
         return {name: m.alpha for name, m in self.modules.items()}
 
-    def pairs(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(module, A, B) for every module, one module in memory at a time."""
+    def pairs(self, check_values: bool = True) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(module, A, B) for every module, one module in memory at a time; `check_values=False` skips the
+        NaN/inf check for a file already read once (a teacher reloaded into its slot many times)."""
         if self._tensors is not None:
             for name, entry in self.modules.items():
                 yield name, self._tensors[entry.a_key], self._tensors[entry.b_key]
             return
+        read = self._checked if check_values else (lambda key, handle: handle.get_tensor(key))
         try:
             with safe_open(self.source, framework="pt") as handle:
                 for name, entry in self.modules.items():
-                    yield name, self._checked(entry.a_key, handle), self._checked(entry.b_key, handle)
+                    yield name, read(entry.a_key, handle), read(entry.b_key, handle)
         except (SafetensorError, OSError) as error:
             raise LoraFileError(f"{self.source}: cannot read tensors ({_one_line(error)})") from error
 
