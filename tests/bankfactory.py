@@ -56,6 +56,18 @@ def random_lora(
     return LoraWeights.from_tensors(modules)
 
 
+def module_lora(shapes: dict[str, tuple[int, int]], modules: dict[str, int], alpha: float | None, seed: int) -> LoraWeights:
+    """Random A and B (B non-zero, so the adapter changes the output) on exactly `modules` (path -> rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, rank in modules.items():
+        out_features, in_features = shapes[name]
+        down = torch.randn(rank, in_features, generator=generator) * 0.3
+        up = torch.randn(out_features, rank, generator=generator) * 0.3
+        tensors[name] = (down, up, alpha)
+    return LoraWeights.from_tensors(tensors)
+
+
 def build_bank(root: Path) -> Path:
     """Write the valid bank under `root` and return its bank.yaml path."""
     transformer = tiny_transformer()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bankfactory import module_lora
 
 from collectionlora.adapters import NONE, AdapterSet
 from collectionlora.effects import make_sources
@@ -15,16 +16,7 @@ PROMPT = "Convert the photo to black and white"
 
 
 def random_lora(backbone: Backbone, modules: dict[str, int], alpha: float | None, seed: int) -> LoraWeights:
-    """Random A and B (B non-zero, so the adapter changes the output) for `modules` (path -> rank)."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = base_linear_shapes(backbone.transformer)
-    tensors = {}
-    for name, rank in modules.items():
-        out_features, in_features = shapes[name]
-        down = torch.randn(rank, in_features, generator=generator) * 0.3
-        up = torch.randn(out_features, rank, generator=generator) * 0.3
-        tensors[name] = (down, up, alpha)
-    return LoraWeights.from_tensors(tensors)
+    return module_lora(base_linear_shapes(backbone.transformer), modules, alpha, seed)
 
 
 def velocity(backbone: Backbone) -> torch.Tensor:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from fake_chat import FakeChatEndpoint, serving
 from PIL import Image
 from pydantic import ValidationError
 from transformers import (
@@ -225,46 +224,24 @@ INSTRUCTION = "Turn the cat into a watercolour painting."
 CRITERIA = "The result must look painted with soft washes; the cat must remain a cat."
 
 
-class FakeMllm:
-    """Records each request and answers with the next (status, reply text) in `replies`."""
+class FakeMllm(FakeChatEndpoint):
+    """Answers with the next (status, reply text) in `replies`, wrapped as a chat completion or an error."""
 
     def __init__(self) -> None:
-        self.requests: list[dict] = []
+        super().__init__()
         self.replies: list[tuple[int, str]] = []
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                auth = self.headers.get("Authorization")
-                fake.requests.append({"path": self.path, "auth": auth, "json": data})
-                status, text = fake.replies.pop(0)
-                body = {"error": text} if status != 200 else {"choices": [{"message": {"role": "assistant", "content": text}}]}
-                reply = json.dumps(body).replace("{auth}", str(auth)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def reply(self, auth: str) -> tuple[int, str]:
+        status, text = self.replies.pop(0)
+        body = {"error": text} if status != 200 else {"choices": [{"message": {"role": "assistant", "content": text}}]}
+        return status, json.dumps(body).replace("{auth}", auth)
 
 
 @pytest.fixture
 def fake_mllm(monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(KEY_ENV, SECRET)
-    fake = FakeMllm()
-    thread = threading.Thread(target=fake.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
+    with serving(FakeMllm(), monkeypatch) as fake:
+        yield fake
 
 
 def _judge(fake: FakeMllm, **changes) -> MllmJudge:

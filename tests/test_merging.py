@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bankfactory import module_lora
 from peft import get_peft_model
 from peft.utils import merge_utils
 
@@ -44,22 +45,11 @@ WEIGHTS = [1.0, -0.5, 0.8]
 SETTINGS = {"rank": 3, "density": 0.5, "majority_sign_method": "total", "seed": 0}
 
 
-def random_lora(shapes: dict[str, tuple[int, int]], modules: dict[str, int], alpha: float | None, seed: int) -> LoraWeights:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, rank in modules.items():
-        out_features, in_features = shapes[name]
-        down = torch.randn(rank, in_features, generator=generator) * 0.3
-        up = torch.randn(out_features, rank, generator=generator) * 0.3
-        tensors[name] = (down, up, alpha)
-    return LoraWeights.from_tensors(tensors)
-
-
 def write_teachers(folder: Path, teachers: dict, shapes: dict[str, tuple[int, int]]) -> list[Path]:
     paths = []
     for i, (name, (modules, alpha)) in enumerate(teachers.items()):
         paths.append(folder / f"{name}.safetensors")
-        write_lora(random_lora(shapes, modules, alpha, seed=10 + i), paths[-1], "diffusers")
+        write_lora(module_lora(shapes, modules, alpha, seed=10 + i), paths[-1], "diffusers")
     return paths
 
 

@@ -6,11 +6,10 @@ import base64
 import io
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from fake_chat import FakeChatEndpoint, serving
 from PIL import Image
 
 from collectionlora.distill.prompting import (
@@ -87,43 +86,22 @@ def test_plan_round_trips_through_json_and_composes(backbone, tiny_params):
 
 
 # ---- the VLM captioner against a loopback OpenAI-compatible fake ----------------------------------
-class FakeVlm:
-    """Records each request; answers with `status` and `body` (which may echo the Authorization header)."""
+class FakeVlm(FakeChatEndpoint):
+    """Answers with `status` and `body` (which may echo the Authorization header as {auth})."""
 
     def __init__(self) -> None:
-        self.requests: list[dict] = []
+        super().__init__()
         self.status = 200
         self.body = json.dumps({"choices": [{"message": {"content": ' "Turn the pet black and white."\n'}}]})
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "json": data})
-                reply = fake.body.replace("{auth}", str(self.headers.get("Authorization"))).encode()
-                self.send_response(fake.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def reply(self, auth: str) -> tuple[int, str]:
+        return self.status, self.body.replace("{auth}", auth)
 
 
 @pytest.fixture
 def fake_vlm(monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    fake = FakeVlm()
-    thread = threading.Thread(target=fake.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
+    with serving(FakeVlm(), monkeypatch) as fake:
+        yield fake
 
 
 def _pairs() -> tuple[torch.Tensor, torch.Tensor]:

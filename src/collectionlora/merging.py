@@ -74,8 +74,6 @@ def merge_loras(
     base_shapes: dict[str, tuple[int, int]] | None,
 ) -> LoraWeights:
     """Read the teacher files (checked against `base_shapes`) and merge them into one LoRA with `method`."""
-    if not paths:
-        raise MergeError("paths: no LoRA files to merge")
     loras = [read_lora(Path(path), base_shapes) for path in paths]
     return merge_weights(
         loras, method, weights, rank=rank, density=density, majority_sign_method=majority_sign_method, seed=seed
