@@ -68,6 +68,21 @@ def module_lora(shapes: dict[str, tuple[int, int]], modules: dict[str, int], alp
     return LoraWeights.from_tensors(tensors)
 
 
+PROBE_PROMPT = "Convert the photo to black and white"
+
+
+def probe_velocity(backbone) -> torch.Tensor:
+    """The transformer's prediction on a fixed input: compares adapter states across tests."""
+    from collectionlora.effects import make_sources
+
+    sources = make_sources("eval", 2, 32, 0)
+    x = torch.randn(2, 64, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return backbone.velocity(
+            x, torch.full((2,), 0.7), backbone.encode_images(sources), backbone.encode_prompts([PROBE_PROMPT] * 2, sources)
+        )
+
+
 def build_bank(root: Path) -> Path:
     """Write the valid bank under `root` and return its bank.yaml path."""
     transformer = tiny_transformer()

@@ -5,33 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bankfactory import module_lora
+from bankfactory import PROBE_PROMPT, module_lora, probe_velocity
 
 from collectionlora.adapters import NONE, AdapterSet
 from collectionlora.effects import make_sources
 from collectionlora.lorafile import LoraWeights, base_linear_shapes, write_lora
 from collectionlora.models.backbone import Backbone
 
-PROMPT = "Convert the photo to black and white"
-
 
 def random_lora(backbone: Backbone, modules: dict[str, int], alpha: float | None, seed: int) -> LoraWeights:
     return module_lora(base_linear_shapes(backbone.transformer), modules, alpha, seed)
 
 
-def velocity(backbone: Backbone) -> torch.Tensor:
-    sources = make_sources("eval", 2, 32, 0)
-    x = torch.randn(2, 64, 48, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return backbone.velocity(
-            x, torch.full((2,), 0.7), backbone.encode_images(sources), backbone.encode_prompts([PROMPT] * 2, sources)
-        )
-
-
 def diffusers_reference(params, base_dir, path) -> torch.Tensor:
     fresh = Backbone.load(params.base, base_dir)
     fresh.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="ref")
-    return velocity(fresh)
+    return probe_velocity(fresh)
 
 
 TEACHERS = {
@@ -53,13 +42,13 @@ def teacher_files(backbone, tmp_path):
 
 def test_mixed_rank_teachers_match_diffusers_and_switch_back_and_forth(backbone, tiny_params, tiny_base_dir, teacher_files):
     adapters = AdapterSet(backbone.transformer)
-    base = velocity(backbone)
+    base = probe_velocity(backbone)
     for name, path in teacher_files.items():
         adapters.add_teacher(name, path)
     expected = {name: diffusers_reference(tiny_params, tiny_base_dir, path) for name, path in teacher_files.items()}
     for name in ["a", "b", "c", "a", "c", NONE, "b"]:
         adapters.activate(name)
-        got = velocity(backbone)
+        got = probe_velocity(backbone)
         want = base if name == NONE else expected[name]
         assert torch.allclose(got, want, atol=1e-5), (name, (got - want).abs().max())
     assert not torch.allclose(expected["a"], base)
@@ -74,9 +63,9 @@ def test_key_layouts_give_the_same_teacher(backbone, tmp_path, layout):
     adapters.add_teacher("diffusers", tmp_path / "d.safetensors")
     adapters.add_teacher(layout, tmp_path / layout / "l.safetensors")
     adapters.activate("diffusers")
-    reference = velocity(backbone)
+    reference = probe_velocity(backbone)
     adapters.activate(layout)
-    assert torch.allclose(velocity(backbone), reference, atol=1e-6)
+    assert torch.allclose(probe_velocity(backbone), reference, atol=1e-6)
 
 
 def test_teachers_share_slots_so_memory_does_not_grow(backbone, tmp_path):
@@ -91,7 +80,7 @@ def test_teachers_share_slots_so_memory_does_not_grow(backbone, tmp_path):
     outputs = []
     for i in (0, 5, 11):
         adapters.activate(f"t{i}")
-        outputs.append(velocity(backbone))
+        outputs.append(probe_velocity(backbone))
     assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[1], outputs[2])
     assert adapters.loads == 3 and adapters.switches == 3
 
@@ -115,7 +104,7 @@ def test_requires_grad_discipline(backbone, teacher_files):
     adapters.activate("student")
     velocity_with_grad = backbone.velocity(
         torch.randn(1, 64, 48), torch.full((1,), 0.5), torch.randn(1, 64, 48),
-        backbone.encode_prompts([PROMPT], make_sources("eval", 1, 32, 0)),
+        backbone.encode_prompts([PROBE_PROMPT], make_sources("eval", 1, 32, 0)),
     )
     velocity_with_grad.square().mean().backward()
     assert all(p.grad is not None for p in student)
@@ -140,13 +129,13 @@ def test_adding_adapters_keeps_the_active_one(backbone, teacher_files):
     adapters = AdapterSet(backbone.transformer)
     adapters.add_teacher("a", teacher_files["a"])
     adapters.activate("a")
-    with_a = velocity(backbone)
+    with_a = probe_velocity(backbone)
     adapters.add_trainable("student", 4, 4, ["to_q"], seed=0)
     adapters.add_teacher("c", teacher_files["c"])  # a new slot (other ranks)
-    assert torch.allclose(velocity(backbone), with_a, atol=1e-6)
+    assert torch.allclose(probe_velocity(backbone), with_a, atol=1e-6)
     adapters.activate(NONE)
-    base = velocity(backbone)
+    base = probe_velocity(backbone)
     adapters.add_trainable("critic", 4, 4, ["to_q"], seed=1)
-    assert torch.allclose(velocity(backbone), base, atol=1e-6)
+    assert torch.allclose(probe_velocity(backbone), base, atol=1e-6)
     adapters.remove("critic")
-    assert torch.allclose(velocity(backbone), base, atol=1e-6)
+    assert torch.allclose(probe_velocity(backbone), base, atol=1e-6)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from bankfactory import module_lora
+from bankfactory import module_lora, probe_velocity
 from peft import get_peft_model
 from peft.utils import merge_utils
 
 from collectionlora.adapters import NONE, AdapterSet
-from collectionlora.effects import make_sources
 from collectionlora.lorafile import (
     LoraWeights,
     base_linear_shapes,
@@ -238,16 +237,6 @@ BACKBONE_TEACHERS = {
     "a": ({"transformer_blocks.0.attn.to_q": 4, "transformer_blocks.1.attn.to_v": 4}, None),
     "b": ({"transformer_blocks.0.attn.to_q": 2, "transformer_blocks.1.attn.add_k_proj": 6}, 3.0),
 }
-PROMPT = "Convert the photo to black and white"
-
-
-def velocity(backbone: Backbone) -> torch.Tensor:
-    sources = make_sources("eval", 2, 32, 0)
-    x = torch.randn(2, 64, 48, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return backbone.velocity(
-            x, torch.full((2,), 0.7), backbone.encode_images(sources), backbone.encode_prompts([PROMPT] * 2, sources)
-        )
 
 
 def test_merged_adapter_runs_as_base_plus_merged_delta(backbone, tiny_params, tiny_base_dir, tmp_path):
@@ -261,7 +250,7 @@ def test_merged_adapter_runs_as_base_plus_merged_delta(backbone, tiny_params, ti
     write_lora(cat_of_a, tmp_path / "cat_of_a.safetensors", "diffusers")
 
     adapters = AdapterSet(backbone.transformer)
-    base = velocity(backbone)
+    base = probe_velocity(backbone)
     adapters.add_teacher("a", paths[0])
     adapters.add_teacher("cat_of_a", tmp_path / "cat_of_a.safetensors")
     for method, path in written.items():
@@ -269,7 +258,7 @@ def test_merged_adapter_runs_as_base_plus_merged_delta(backbone, tiny_params, ti
     outputs = {}
     for name in ["a", "cat_of_a", "svd", "cat", NONE]:
         adapters.activate(name)
-        outputs[name] = velocity(backbone)
+        outputs[name] = probe_velocity(backbone)
     assert torch.allclose(outputs[NONE], base)
     assert torch.allclose(outputs["cat_of_a"], outputs["a"], atol=1e-6)
 
@@ -279,7 +268,7 @@ def test_merged_adapter_runs_as_base_plus_merged_delta(backbone, tiny_params, ti
         for path, weight in zip(paths, [1.0, 0.5]):
             for name, delta in deltas(read_lora(path, shapes)).items():
                 fresh.transformer.get_submodule(name).weight += weight * delta
-    expected = velocity(fresh)
+    expected = probe_velocity(fresh)
     assert not torch.allclose(expected, base, atol=1e-4)
     for method in ("svd", "cat"):
         assert torch.allclose(outputs[method], expected, atol=1e-5), (method, (outputs[method] - expected).abs().max())
