@@ -26,14 +26,16 @@ $(STAMP): requirements.lock pyproject.toml
 setup: $(STAMP)
 
 ## The main job on the embedded default: pull the demo bank (offline, from the remote committed in
-## dvc-storage/), validate it, roll out its teachers, distil them into one LoRA, and print the
-## per-effect fidelity of the teachers (80 NFE) next to the student (8/4/2/1 NFE). Re-running resumes.
+## dvc-storage/), validate it, roll out its teachers, distil them into one LoRA, build the baselines
+## (FM all-in-1, PEFT merges), evaluate every method and print the methods table with the gate.
+## Re-running resumes (rollouts are cached, distill continues from its last checkpoint).
 demo: setup
 	$(BIN)/dvc pull --quiet data.dvc
 	$(BIN)/collectionlora validate
 	$(BIN)/collectionlora rollout
 	$(BIN)/collectionlora distill --resume
-	$(BIN)/collectionlora fidelity
+	$(BIN)/collectionlora baselines
+	$(BIN)/collectionlora evaluate
 
 test: setup
 	$(BIN)/pytest -q

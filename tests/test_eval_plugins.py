@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from fake_chat import FakeChatEndpoint, serving
 from PIL import Image
 from pydantic import ValidationError
@@ -24,6 +25,7 @@ from transformers import (
     ViTModel,
 )
 
+from collectionlora.config import load_params
 from collectionlora.errors import ConfigError
 from collectionlora.evaluate.plugins import (
     EvalPluginsConfig,
@@ -179,13 +181,7 @@ def test_similarity_rejects_bad_batches(checkpoints):
 
 
 # ---- settings and the loader ----------------------------------------------------------------------------
-DEFAULTS = {  # the params.yaml block proposed for the project: everything off
-    "device": "cpu",
-    "batch_size": 16,
-    "clip": {"enabled": False, "path": None},
-    "dino": {"enabled": False, "path": None},
-    "mllm": {"enabled": False, "url": None, "model": None, "api_key_env": "COLLECTIONLORA_MLLM_API_KEY", "timeout_s": 120},
-}
+DEFAULTS = load_params(REPO / "params.yaml").eval_plugins.model_dump(mode="json")  # everything off
 
 
 def _settings(**sections: dict) -> EvalPluginsConfig:

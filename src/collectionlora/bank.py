@@ -18,6 +18,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from collectionlora.config import BankConfig
 from collectionlora.errors import BankError
 from collectionlora.images import load_png
 from collectionlora.lorafile import PICKLE_SUFFIXES
@@ -53,6 +54,7 @@ class EffectSpec(_Strict):
     prompt: str
     teacher: str
     pairs: str
+    criteria: str | None = None  # what a correct edit shows, for an MLLM judge (default: from the prompt)
 
 
 class BankSpec(_Strict):
@@ -60,6 +62,8 @@ class BankSpec(_Strict):
     name: str = Field(min_length=1)
     base: BaseSpec
     judge: str | None = None
+    # a few-step LoRA of the base (e.g. a Lightning LoRA): the cascade baseline stacks it on a teacher
+    acceleration: str | None = None
     general: GeneralSpec
     eval: str
     effects: list[EffectSpec] = Field(min_length=1)
@@ -73,6 +77,7 @@ class Effect:
     teacher: Path
     pairs_dir: Path
     pairs: tuple[tuple[Path, Path], ...]
+    criteria: str
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class Bank:
     image_size: int
     base_dir: Path | None  # a local diffusers pipeline folder, when there is one
     judge: Path | None
+    acceleration: Path | None
     general_sources: tuple[Path, ...]
     instructions_file: Path
     instructions: tuple[str, ...]
@@ -116,11 +122,21 @@ class Bank:
         return path.relative_to(self.root).as_posix()
 
 
-def load_bank(manifest_path: Path, image_size: int) -> Bank:
-    """Parse and structurally check a bank; every error is one line naming the file and field."""
+def open_bank(config: BankConfig) -> Bank:
+    """The bank params.yaml names: its manifest, image size and effect subset (`bank.max_effects`)."""
+    return load_bank(config.manifest, config.image_size, config.max_effects)
+
+
+def load_bank(manifest_path: Path, image_size: int, max_effects: int | None = None) -> Bank:
+    """Parse and structurally check a bank (only its first `max_effects` effects when given); every
+    error is one line naming the file and field."""
     manifest_path = Path(manifest_path)
     root = manifest_path.parent
     spec = _parse_spec(manifest_path)
+    if max_effects is not None:
+        if max_effects > len(spec.effects):
+            raise BankError(f"{manifest_path}: effects: bank.max_effects is {max_effects} but the manifest lists {len(spec.effects)}")
+        spec = spec.model_copy(update={"effects": spec.effects[:max_effects]})
     refuse_pickle_files(root)
     resolver = _Resolver(manifest_path, root)
 
@@ -134,8 +150,11 @@ def load_bank(manifest_path: Path, image_size: int) -> Bank:
             raise BankError(f"{manifest_path}: effects[{i}].prompt: empty prompt")
         teacher = resolver.file(f"effects[{i}].teacher", item.teacher)
         pairs_dir = resolver.folder(f"effects[{i}].pairs", item.pairs)
+        if item.criteria is not None and not item.criteria.strip():
+            raise BankError(f"{manifest_path}: effects[{i}].criteria: empty criteria (leave the field out for the default)")
+        criteria = item.criteria or default_criteria(item.prompt)
         effects.append(
-            Effect(item.id, item.category, item.prompt, teacher, pairs_dir, _pair_files(resolver, pairs_dir))
+            Effect(item.id, item.category, item.prompt, teacher, pairs_dir, _pair_files(resolver, pairs_dir), criteria)
         )
 
     if spec.base.path is not None:
@@ -152,11 +171,20 @@ def load_bank(manifest_path: Path, image_size: int) -> Bank:
         image_size=image_size,
         base_dir=base_dir,
         judge=None if spec.judge is None else resolver.folder("judge", spec.judge),
+        acceleration=None if spec.acceleration is None else resolver.file("acceleration", spec.acceleration),
         general_sources=_png_files(resolver, resolver.folder("general.sources", spec.general.sources)),
         instructions_file=instructions_file,
         instructions=_read_instructions(instructions_file),
         eval_sources=_png_files(resolver, resolver.folder("eval", spec.eval)),
         effects=tuple(effects),
+    )
+
+
+def default_criteria(prompt: str) -> str:
+    """An effect's judging criteria when the manifest gives none: the instruction, plainly applied."""
+    return (
+        f"The result must clearly show this edit: {prompt.strip().rstrip('.')}. The subject, layout and content of "
+        "the source must stay recognisable; nothing else may change."
     )
 
 

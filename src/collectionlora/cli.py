@@ -40,6 +40,10 @@ app.add_typer(bank_app, name="demo-bank")
 app.add_typer(teachers_app, name="teachers")
 judge_app = typer.Typer(help="The effect judge.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
+experiment_app = typer.Typer(help="The paper's tables as runnable experiments (experiments.py).", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+acceleration_app = typer.Typer(help="The base's acceleration (few-step) LoRA.", no_args_is_help=True)
+app.add_typer(acceleration_app, name="acceleration")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
 SetOption = Annotated[list[str], typer.Option("--set", "-S", help="Override a value: section.key=value (YAML value).")]
@@ -133,6 +137,20 @@ def judge_train(
     report = run_judge_train(params_from(params, set_), out)
     accuracy = report.get("holdout", {}).get("accuracy")
     typer.echo(f"judge for {len(report['effects'])} effects -> {out}" + (f"; hold-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
+
+
+@acceleration_app.command("train")
+@one_line_errors
+def acceleration_train(
+    out: Annotated[Path, typer.Option(help="Output folder for pytorch_lora_weights.safetensors.")],
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Distil the bank's base into a few-step LoRA on the general stream alone (the cascade baseline's
+    "Lightning" when the base has none); steps from `acceleration`, the rest from `distill`."""
+    from collectionlora.stages import run_acceleration_train
+
+    typer.echo(f"wrote {run_acceleration_train(params_from(params, set_), out)}")
 
 
 @app.command("validate")
@@ -242,6 +260,120 @@ def fidelity(
     counts = [int(part) for part in steps.split(",") if part.strip()]
     report = collection_fidelity(params_from(params, set_), collection, counts, out or collection)
     typer.echo(markdown_table(report))
+
+
+@app.command("baselines")
+@one_line_errors
+def baselines(
+    rollouts: Annotated[Path, typer.Option(help="Rollout folder (from `collectionlora rollout`).")] = Path("artifacts/rollouts"),
+    prompts: Annotated[Path, typer.Option(help="The student prompts: a distill run's prompts.json.")] = Path("artifacts/student/prompts.json"),
+    out: Annotated[Path, typer.Option(help="Folder for the baseline LoRAs and baselines.json.")] = Path("artifacts/baselines"),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Build the alternatives the student is compared with: FM all-in-1 and the PEFT merges of the teachers."""
+    from collectionlora.stages import run_baselines
+
+    report = run_baselines(params_from(params, set_), rollouts, prompts, out)
+    fm = report["fm_all_in_one"]
+    typer.echo(f"FM all-in-1: {fm['steps']} steps in {fm['seconds']:.0f} s; merges: {', '.join(report['merges'])} -> {out}")
+
+
+@app.command("evaluate")
+@one_line_errors
+def evaluate(
+    collection: Annotated[Path, typer.Option(help="Collection folder (from `collectionlora distill`).")] = Path("artifacts/student"),
+    baselines: Annotated[Path, typer.Option(help="Baselines folder (from `collectionlora baselines`).")] = Path("artifacts/baselines"),
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, methods.md, gate.json, ...")] = Path("artifacts/eval"),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Score the teachers, the cascade, FM all-in-1, the merges and the student on the bank's eval
+    sources; write the tables, plots and the promotion gate, and print the methods table."""
+    from collectionlora.evaluate.report import TABLE
+    from collectionlora.stages import run_evaluate
+
+    summary = run_evaluate(params_from(params, set_), collection, baselines, out, params)
+    typer.echo((Path(out) / TABLE).read_text(encoding="utf-8"))
+    typer.echo(f"evaluated in {summary['seconds']:.0f} s; gate {'passed' if summary['gate']['passed'] else 'FAILED'} -> {out}")
+
+
+ExperimentOut = Annotated[Path | None, typer.Option(help="Experiment folder (default: artifacts/experiments/<name>).")]
+LargerBank = Annotated[Path, typer.Option(help="The larger bank whose effects are added.")]
+
+
+def _experiment_out(out: Path | None, name: str) -> Path:
+    return out or Path("artifacts/experiments") / name
+
+
+@experiment_app.command("ablations")
+@one_line_errors
+def experiment_ablations(
+    rollouts: Annotated[Path, typer.Option(help="Rollout folder of the bank.")] = Path("artifacts/rollouts"),
+    full: Annotated[Path | None, typer.Option(help="Reuse this collection as the full method (e.g. artifacts/student).")] = None,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated subset: full,no_pdsr,no_aop,no_ts,no_ta_fm.")] = None,
+    out: ExperimentOut = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Table 3: the full method against PDSR, AOP, TS and TA-FM each switched off (same budget)."""
+    from collectionlora.experiments import run_ablations
+
+    chosen = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    run_ablations(params_from(params, set_), rollouts, _experiment_out(out, "ablations"), full, chosen)
+    typer.echo((_experiment_out(out, "ablations") / "ablations.md").read_text(encoding="utf-8"))
+
+
+@experiment_app.command("scaling")
+@one_line_errors
+def experiment_scaling(
+    sizes: Annotated[str, typer.Option(help="Comma-separated collection sizes.")] = "10,20,50",
+    manifest: LargerBank = Path("data/bank-50.yaml"),
+    rollouts: Annotated[Path, typer.Option(help="Rollout folder for the larger bank.")] = Path("artifacts/experiments/rollouts"),
+    out: ExperimentOut = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Table 4: collections of the first N effects against the teachers, the cascade and FM all-in-1."""
+    from collectionlora.experiments import run_scaling
+
+    counts = [int(part) for part in sizes.split(",") if part.strip()]
+    run_scaling(params_from(params, set_), manifest, rollouts, _experiment_out(out, "scaling"), counts)
+    typer.echo((_experiment_out(out, "scaling") / "scaling.md").read_text(encoding="utf-8"))
+
+
+@experiment_app.command("composition")
+@one_line_errors
+def experiment_composition(
+    collection: Annotated[Path, typer.Option(help="Collection folder.")] = Path("artifacts/student"),
+    max_pairs: Annotated[int | None, typer.Option(help="Only the first N ordered effect pairs.")] = None,
+    out: ExperimentOut = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Zero-shot composition A then B: one 8-NFE pass with the composition prompt vs two chained passes."""
+    from collectionlora.experiments import run_composition
+
+    run_composition(params_from(params, set_), collection, _experiment_out(out, "composition"), max_pairs)
+    typer.echo((_experiment_out(out, "composition") / "composition.md").read_text(encoding="utf-8"))
+
+
+@experiment_app.command("incremental")
+@one_line_errors
+def experiment_incremental(
+    collection: Annotated[Path, typer.Option(help="The collection to grow.")] = Path("artifacts/student"),
+    added: Annotated[int, typer.Option(help="Effects to add, one run each.")] = 2,
+    manifest: LargerBank = Path("data/bank-50.yaml"),
+    rollouts: Annotated[Path, typer.Option(help="Rollout folder for the larger bank.")] = Path("artifacts/experiments/rollouts"),
+    out: ExperimentOut = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Table 5: add the larger bank's next effects one at a time; old effects' fidelity before and after."""
+    from collectionlora.experiments import run_incremental
+
+    run_incremental(params_from(params, set_), collection, manifest, rollouts, _experiment_out(out, "incremental"), added)
+    typer.echo((_experiment_out(out, "incremental") / "incremental.md").read_text(encoding="utf-8"))
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from collectionlora.errors import ConfigError
 
@@ -124,6 +131,7 @@ class BankConfig(Section):
     manifest: Path
     image_size: int = Field(ge=8)
     min_pairs: int = Field(ge=1)
+    max_effects: int | None = Field(default=..., ge=1)  # only the manifest's first N effects (scaling runs); null = all
 
 
 class DemoConfig(Section):
@@ -216,6 +224,112 @@ class DistillConfig(Section):
         return value
 
 
+class AccelerationConfig(Section):
+    """The acceleration LoRA of a base (`collectionlora acceleration train`): the distill engine on the
+    general stream alone; every other value comes from `distill`."""
+
+    max_steps: int = Field(ge=1)
+    seed: int
+
+
+class FmAllInOneConfig(Section):
+    """The "FM all-in-1" baseline: one LoRA fitted by flow matching to every teacher target with the student
+    prompts (no DMD, no few-step training), sampled with the acceleration LoRA stacked on it."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    seed: int
+
+
+class MergesConfig(Section):
+    """The "PEFT merges" baseline: the teachers merged into one LoRA per method (see merging.py)."""
+
+    methods: list[Literal["linear", "ties", "dare_ties", "svd", "cat"]]
+    weights: list[float] | None  # one per effect; null = 1 each (the merged LoRA must carry every effect)
+    rank: int = Field(ge=1)  # rank after SVD truncation (svd, ties, dare_ties)
+    density: float = Field(gt=0, le=1)  # share of entries kept (ties, dare_ties)
+    majority_sign_method: Literal["total", "frequency"]
+    seed: int  # DARE's random masks
+
+
+class BaselinesConfig(Section):
+    """The alternatives the student is compared with (`collectionlora baselines`)."""
+
+    fm_all_in_one: FmAllInOneConfig
+    merges: MergesConfig
+
+
+class GateConfig(Section):
+    """When a collection may be promoted: the student against the teachers and the alternatives."""
+
+    student: str  # the method gated, e.g. student_8nfe
+    teacher: str  # the reference method, e.g. teacher
+    beat_bcr_of: list[str]  # the student's BCR must be below each of these methods' BCR
+    bcr_margin: float = Field(ge=0)  # student BCR <= teacher BCR + margin
+    accuracy_tolerance: float = Field(ge=0)  # student judge accuracy >= teacher's - tolerance
+    effect_floor: float = Field(ge=0, le=1)  # every effect's student judge accuracy >= floor
+
+
+EvalMethod = Literal["teacher", "cascade", "fm_all_in_one", "merges", "student", "fused"]
+
+
+class EvaluateConfig(Section):
+    """The evaluate stage: methods, cases, metrics settings and the promotion gate."""
+
+    methods: list[EvalMethod] = Field(min_length=1)
+    student_steps: list[int] = Field(min_length=1)
+    fused_dtypes: list[Literal["float32", "bfloat16", "float16"]]
+    eval_images: int | None = Field(default=..., ge=1)  # eval sources per effect; null = all
+    stochastic_seeds: int = Field(ge=2)  # seeds per source for stochastic effects (Frechet distance, diversity)
+    structure_quantile: float = Field(ge=0, le=1)
+    samples_per_effect: int = Field(ge=1)  # eval sources per effect shown in samples.png
+    cost_requests: int = Field(ge=1)  # simulated request stream for adapter loads/switches per request
+    seed: int
+    gate: GateConfig
+
+
+class SimilarityModelConfig(Section):
+    """A local transformers checkpoint folder (config.json, weights, preprocessor_config.json); never downloaded."""
+
+    enabled: bool
+    path: Path | None
+
+    @model_validator(mode="after")
+    def _enabled_needs_a_path(self) -> SimilarityModelConfig:
+        if self.enabled and self.path is None:
+            raise ValueError("enabled: true needs path (a local model folder)")
+        return self
+
+
+class MllmJudgeConfig(Section):
+    """An OpenAI-compatible chat endpoint judging BCR and VSA (the paper: Qwen-VL-Max-Latest)."""
+
+    enabled: bool
+    url: str | None  # base URL; the judge POSTs {url}/chat/completions
+    model: str | None
+    api_key_env: str | None  # environment variable holding the key; null = no Authorization header
+    timeout_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _enabled_needs_an_endpoint(self) -> MllmJudgeConfig:
+        if self.enabled and (self.url is None or self.model is None):
+            raise ValueError("enabled: true needs url and model")
+        return self
+
+
+class EvalPluginsConfig(Section):
+    """Real-model metrics of METHOD.md 8.2: CLIP and DINO image similarity, and the BCR/VSA MLLM judge."""
+
+    device: str  # where the CLIP and DINO models run: cpu | cuda | cuda:N
+    batch_size: int = Field(ge=1)  # images per CLIP or DINO forward
+    clip: SimilarityModelConfig
+    dino: SimilarityModelConfig
+    mllm: MllmJudgeConfig
+
+
 class IncrementalConfig(Section):
     """Adding effects to an existing collection by a short warm-started run."""
 
@@ -241,7 +355,11 @@ class Params(Section):
     rollout: RolloutConfig
     prompting: PromptingConfig
     distill: DistillConfig
+    acceleration: AccelerationConfig
     incremental: IncrementalConfig
+    baselines: BaselinesConfig
+    evaluate: EvaluateConfig
+    eval_plugins: EvalPluginsConfig
     tracking: TrackingConfig
 
 

@@ -3,7 +3,8 @@
 Steps: fit the tiny pipeline's tokenizer on the instructions, pretrain the tiny base on general
 edits, train an effect judge on procedural ground truth, then for each catalog effect make ~24
 pairs, train its teacher LoRA and keep it only if the judge recognises the teacher's edits on
-held-out sources. Two manifests share one tree: `bank.yaml` (default size) and `bank-<n>.yaml`.
+held-out sources; last, distil the base's acceleration LoRA on the general stream (the cascade
+baseline's "Lightning"). Two manifests share one tree: `bank.yaml` (default size) and `bank-<n>.yaml`.
 
 The build takes about an hour on 2 CPU cores for 50 effects, so it resumes: finished parts
 (base, judge, each effect's verdict) are kept in the staging folder `<out>.build` and skipped on a
@@ -19,6 +20,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -26,6 +28,7 @@ from collectionlora.adapters import NONE as NONE_ADAPTER
 from collectionlora.adapters import AdapterSet
 from collectionlora.base_pretrain import general_instructions, pretrain_base
 from collectionlora.config import Params
+from collectionlora.distill.acceleration import train_acceleration
 from collectionlora.effects import Effect, catalog, make_sources
 from collectionlora.effects.base import stable_seed
 from collectionlora.errors import BankError
@@ -37,7 +40,7 @@ from collectionlora.evaluate.judge import (
     procedural_examples,
     train_judge,
 )
-from collectionlora.images import quantize, save_png
+from collectionlora.images import load_png, quantize, save_png
 from collectionlora.models.backbone import Backbone
 from collectionlora.models.tiny import build_tiny_pipeline
 from collectionlora.sampling import sample_teacher
@@ -45,7 +48,8 @@ from collectionlora.teachers import LORA_WEIGHTS, save_teacher, train_teacher
 
 BASE_POOL = 512  # general-split sources the base is pretrained on
 HOLDOUT_REPORT = "holdout_report.json"  # the judge's accuracy on held-out ground truth
-KEY_FILE = "build_key.txt"  # fingerprint of what a cached build step was computed from
+KEY_FILE = "build_key.txt"
+ACCELERATION = "acceleration"  # folder of the base's acceleration LoRA  # fingerprint of what a cached build step was computed from
 
 
 @dataclass
@@ -74,6 +78,7 @@ def build_demo_bank(params: Params, out: Path, max_effects: int | None = None) -
             "extend the catalog or raise lora.steps"
         )
     _write_sources(params, staging)
+    _acceleration(params, staging)
     _write_manifests(params, staging, passed[:target])
     (staging / "build_report.json").write_text(
         json.dumps([asdict(v) for v in verdicts], indent=2) + "\n", encoding="utf-8"
@@ -220,6 +225,27 @@ def _write_sources(params: Params, staging: Path) -> None:
     (staging / "general" / "instructions.txt").write_text("\n".join(general_instructions()) + "\n", encoding="utf-8")
 
 
+def _acceleration(params: Params, staging: Path) -> None:
+    """The base's few-step LoRA (the cascade baseline's "Lightning"), distilled on the general stream;
+    retrained when the base, the general data or the distill/acceleration params change."""
+    folder = staging / ACCELERATION
+    base_key = (staging / "base" / KEY_FILE).read_text(encoding="utf-8")
+    key = fingerprint(
+        base_key, params.acceleration.model_dump(), params.distill.model_dump(), params.sampling.model_dump(),
+        params.demo_bank.general_sources, general_instructions(),
+    )
+    if _cached(folder, key):
+        return
+    backbone = Backbone.load(params.base, staging / "base")
+    general = torch.stack([load_png(path, params.base.resolution) for path in sorted((staging / "general" / "sources").glob("*.png"))])
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    train_acceleration(params, backbone, general, general_instructions(), partial)
+    (partial / KEY_FILE).write_text(key + "\n", encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+
+
 def _publish(staging: Path, out: Path, passed: list[EffectVerdict]) -> None:
     """Copy the bank's files (not the build's bookkeeping) into a fresh `out`, replaced in one rename.
 
@@ -227,7 +253,7 @@ def _publish(staging: Path, out: Path, passed: list[EffectVerdict]) -> None:
     """
     fresh = out.with_name(out.name + ".publish")
     shutil.rmtree(fresh, ignore_errors=True)
-    for name in ("base", "judge", "general", "eval"):
+    for name in ("base", "judge", "general", "eval", ACCELERATION):
         shutil.copytree(staging / name, fresh / name, ignore=shutil.ignore_patterns(KEY_FILE))
     for manifest in [*staging.glob("bank*.yaml"), staging / "build_report.json"]:
         shutil.copy2(manifest, fresh / manifest.name)
@@ -277,6 +303,7 @@ def _write_manifests(params: Params, staging: Path, passed: list[EffectVerdict])
             "name": f"demo-{name}",
             "base": {"path": "base"},
             "judge": "judge",
+            "acceleration": f"{ACCELERATION}/{LORA_WEIGHTS}",
             "general": {"sources": "general/sources", "instructions": "general/instructions.txt"},
             "eval": "eval",
             "effects": [

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from collectionlora.adapters import NONE, AdapterSet
-from collectionlora.bank import load_bank, read_pair_folder
+from collectionlora.bank import open_bank, read_pair_folder
 from collectionlora.config import Params
 from collectionlora.effects import catalog
 from collectionlora.effects.base import stable_seed
@@ -28,7 +28,7 @@ from collectionlora.sampling import sample_teacher
 from collectionlora.teachers import save_teacher, train_teacher
 from collectionlora.validate import run_validate
 
-__all__ = ["run_judge_train", "run_preview", "run_rollout", "run_teacher_train", "run_validate"]
+__all__ = ["run_acceleration_train", "run_baselines", "run_evaluate", "run_judge_train", "run_preview", "run_rollout", "run_teacher_train", "run_validate"]
 
 
 def run_preview(params: Params, out: Path) -> Path:
@@ -36,7 +36,7 @@ def run_preview(params: Params, out: Path) -> Path:
 
     Ground truth exists for catalog effects only; a user's own effect shows source | teacher.
     """
-    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    bank = open_bank(params.bank)
     backbone = Backbone.load(params.base, bank.base_dir)
     adapters = AdapterSet(backbone.transformer)
     sources = bank.load_eval_sources()[: params.demo.eval_images]
@@ -61,7 +61,7 @@ def run_preview(params: Params, out: Path) -> Path:
 def run_rollout(params: Params, out: Path, effects: list[str] | None = None) -> dict:
     """Teacher targets for the bank's effects (or the named subset, one KFP task each), reusing every
     target already in `out`; returns the report (computed / cached per effect). See rollout.py."""
-    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    bank = open_bank(params.bank)
     chosen = select_effects(bank, effects)  # an unknown id fails before anything is loaded or written
     backbone = Backbone.load(params.base, bank.base_dir)
     return generate_rollouts(backbone, bank, chosen, params.base, params.sampling, params.rollout, Path(out))
@@ -84,7 +84,7 @@ def run_judge_train(params: Params, out: Path) -> dict:
     """Train an effect judge for the bank: its own pairs (+ unedited pairs), plus procedural ground
     truth for effects that come from the catalog. A user's own effects need nothing but their pairs.
     Writes the judge to `out` and returns its hold-out report (catalog effects only have one)."""
-    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    bank = open_bank(params.bank)
     pairs = {effect.id: bank.load_pairs(effect) for effect in bank.effects}
     examples = examples_from_pairs(pairs)
     known = [effect_id for effect_id in pairs if effect_id in catalog()]
@@ -100,8 +100,39 @@ def run_judge_train(params: Params, out: Path) -> dict:
     return report
 
 
+def run_acceleration_train(params: Params, out: Path) -> Path:
+    """The bank's base and general stream -> its acceleration LoRA in `out`; see distill/acceleration.py."""
+    from collectionlora.distill.acceleration import train_acceleration
+
+    bank = open_bank(params.bank)
+    backbone = Backbone.load(params.base, bank.base_dir)
+    return train_acceleration(params, backbone, bank.load_general_sources(), bank.instructions, out)
+
+
 def run_distill(params: Params, rollouts: Path, out: Path, resume: bool = False, warm_start: Path | None = None) -> dict:
     """Distil the bank's teachers (from their rollouts) into one student LoRA; see distill/run.py."""
     from collectionlora.distill.run import distill_collection
 
     return distill_collection(params, rollouts, out, resume, warm_start)
+
+
+def run_baselines(params: Params, rollouts: Path, prompts: Path, out: Path) -> dict:
+    """The alternatives to the student (FM all-in-1 on the rollouts with the student prompts of `prompts`,
+    a distill run's prompts.json; PEFT merges of the teachers) into `out`; see evaluate/baselines.py."""
+    from collectionlora.distill.prompting import read_prompt_plan
+    from collectionlora.evaluate.baselines import write_baselines
+    from collectionlora.rollout import load_rollouts
+
+    bank = open_bank(params.bank)
+    plan = read_prompt_plan(Path(prompts), [e.id for e in bank.effects])
+    targets = load_rollouts(Path(rollouts), bank, [e.id for e in bank.effects])
+    backbone = Backbone.load(params.base, bank.base_dir)
+    return write_baselines(params, backbone, bank, targets, plan, Path(out))
+
+
+def run_evaluate(params: Params, collection: Path, baselines: Path | None, out: Path, params_file: Path = Path("params.yaml")) -> dict:
+    """Every method of `evaluate.methods` scored on the bank's eval sources, the report and the gate in
+    `out`; returns metrics.json's content. See evaluate/run.py."""
+    from collectionlora.evaluate.run import evaluate_collection
+
+    return evaluate_collection(params, Path(collection), baselines, Path(out), params_file)

@@ -61,8 +61,10 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None) 
     if bank.base_dir is not None:
         base_shapes = base_linear_shapes_from_safetensors(bank.base_dir / "transformer")
     teachers = {effect.id: read_lora(effect.teacher, base_shapes) for effect in bank.effects}
+    acceleration = None if bank.acceleration is None else read_lora(bank.acceleration, base_shapes)
     checks.append(
-        "teacher LoRAs: safetensors, finite, keys normalised"
+        "teacher LoRAs" + (" and the acceleration LoRA" if acceleration is not None else "")
+        + ": safetensors, finite, keys normalised"
         + (", shapes fit the base" if base_shapes is not None else " (no local base: shapes not checked)")
     )
 
@@ -85,6 +87,7 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None) 
             }
             for effect in bank.effects
         ],
+        "acceleration": None if acceleration is None else _teacher_summary(bank, bank.acceleration, acceleration),
         "general": {"sources": len(bank.general_sources), "instructions": len(bank.instructions)},
         "eval": {"sources": len(bank.eval_sources)},
         "files": _referenced_hashes(bank),
@@ -133,6 +136,8 @@ def _referenced_hashes(bank: Bank) -> dict[str, str]:
         if (effect.teacher.parent / ADAPTER_CONFIG).is_file():
             paths.append(effect.teacher.parent / ADAPTER_CONFIG)
         paths += [path for pair in effect.pairs for path in pair]
+    if bank.acceleration is not None:
+        paths.append(bank.acceleration)
     hashes = {bank.relative(path): file_sha256(path) for path in paths}
     folders = [bank.judge] if bank.judge is not None else []
     if bank.spec.base.path is not None and bank.base_dir is not None:

@@ -47,11 +47,11 @@ class EffectSchedule:
     epoch; with `replay` > 0 that share of steps instead revisits one of `old` (incremental add)."""
 
     def __init__(self, effects: Sequence[str], old: Sequence[str], replay: float, seed: int):
-        if not effects:
-            raise ValueError("no effects to distil")
         self.effects, self.old, self.replay, self.seed = list(effects), list(old), replay if old else 0.0, seed
 
     def pick(self, position: int) -> str:
+        if not self.effects:
+            raise ValueError("an effect-stream step with no effects to distil")
         generator = torch.Generator().manual_seed(stable_seed("effect-pick", self.seed, position))
         if self.replay and float(torch.rand(1, generator=generator, dtype=torch.float64)) < self.replay:
             return self.old[int(torch.randint(len(self.old), (1,), generator=generator))]

@@ -20,13 +20,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from collectionlora.config import PromptingConfig
 from collectionlora.effects.base import stable_seed
-from collectionlora.errors import CaptionError, ConfigError
+from collectionlora.errors import CaptionError, CollectionLoraError, ConfigError
 from collectionlora.images import to_pil
 from collectionlora.models.backbone import Backbone
 
@@ -101,6 +102,18 @@ class PromptPlan:
             max_cosine={str(k): float(v) for k, v in data["max_cosine"].items()},
             captioner=str(data["captioner"]),
         )
+
+
+def read_prompt_plan(path: Path, effect_ids: Sequence[str]) -> PromptPlan:
+    """A saved plan (prompts.json) that must cover `effect_ids`; anything else is a one-line error."""
+    try:
+        plan = PromptPlan.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CollectionLoraError(f"{path}: unreadable prompt plan ({' '.join(str(error).split())})") from error
+    missing = [e for e in effect_ids if e not in {p.effect for p in plan.effects}]
+    if missing:
+        raise CollectionLoraError(f"{path}: effects {missing} have no student prompt; remove {path} (or start a fresh run)")
+    return plan
 
 
 def plan_prompts(

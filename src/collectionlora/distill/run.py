@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from collectionlora.adapters import AdapterSet
-from collectionlora.bank import Bank, file_sha256, load_bank
+from collectionlora.bank import Bank, file_sha256, open_bank
 from collectionlora.config import DistillConfig, Params
 from collectionlora.distill import export
 from collectionlora.distill.checkpoint import (
@@ -36,7 +36,12 @@ from collectionlora.distill.parallel import (
     init_world,
     parameters_in_sync,
 )
-from collectionlora.distill.prompting import PromptPlan, extend_plan, plan_prompts
+from collectionlora.distill.prompting import (
+    PromptPlan,
+    extend_plan,
+    plan_prompts,
+    read_prompt_plan,
+)
 from collectionlora.distill.trainer import CRITIC, STUDENT, Distiller
 from collectionlora.errors import CollectionLoraError
 from collectionlora.evaluate.fidelity import effect_fidelity
@@ -74,7 +79,7 @@ def distill_collection(
 def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start: Path | None, world: World, device: str) -> dict:
     started = time.perf_counter()
     config = params.distill
-    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    bank = open_bank(params.bank)
     checkpoints = list_checkpoints(out / CHECKPOINTS)
     if checkpoints and not resume:
         raise CheckpointError(f"{out / CHECKPOINTS}: checkpoints of an earlier run exist; pass --resume to continue it, or remove {out}")
@@ -174,14 +179,7 @@ def _prompt_plan(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(plan.to_json(), indent=2) + "\n")
     barrier(world)
-    try:
-        plan = PromptPlan.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CollectionLoraError(f"{path}: unreadable prompt plan ({' '.join(str(error).split())})") from error
-    missing = [e.id for e in bank.effects if e.id not in {p.effect for p in plan.effects}]
-    if missing:
-        raise CollectionLoraError(f"{path}: effects {missing} have no student prompt; remove {path} (or start a fresh run)")
-    return plan
+    return read_prompt_plan(path, [e.id for e in bank.effects])
 
 
 def _fingerprint(params: Params, plan: PromptPlan, rollouts: Path, effect_ids: list[str], world: World, warm_start: Path | None) -> dict:

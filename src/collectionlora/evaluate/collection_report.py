@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from collectionlora.adapters import AdapterSet
-from collectionlora.bank import load_bank
+from collectionlora.bank import open_bank
 from collectionlora.config import Params
 from collectionlora.distill.export import LORA_WEIGHTS, read_collection
 from collectionlora.distill.prompting import PromptPlan
@@ -32,7 +32,7 @@ TABLE = "fidelity.md"
 
 def collection_fidelity(params: Params, collection: Path, student_steps: Sequence[int], out: Path | None = None) -> dict:
     """Teachers vs the student on the bank's eval sources; writes fidelity.json and fidelity.md to `out`."""
-    bank = load_bank(params.bank.manifest, params.bank.image_size)
+    bank = open_bank(params.bank)
     if bank.judge is None:
         raise CollectionLoraError(f"{params.bank.manifest}: judge: the bank has no effect judge (train one with `collectionlora judge train`)")
     plan = PromptPlan.from_json(read_collection(collection)["prompts"])

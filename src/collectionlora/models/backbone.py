@@ -136,6 +136,10 @@ class Backbone:
             yield self.pipe
 
     # ---- text ----------------------------------------------------------------------------------
+    def clear_prompt_cache(self) -> None:
+        """Forget encoded prompts: a server encodes each request's prompt, so latency benchmarks clear it."""
+        self._prompt_cache.clear()
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], sources: torch.Tensor) -> PromptEmbeds:
         """Encode (instruction, condition image) pairs as the pipeline does; cached by text and image."""

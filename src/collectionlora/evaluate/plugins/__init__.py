@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collectionlora.config import (
+    EvalPluginsConfig,
+    MllmJudgeConfig,
+    SimilarityModelConfig,
+)
 from collectionlora.evaluate.plugins.base import (
     ImageSimilarity,
     MetricPluginError,
@@ -19,11 +24,6 @@ from collectionlora.evaluate.plugins.mllm_judge import (
     JudgeCase,
     MllmJudge,
     summarize,
-)
-from collectionlora.evaluate.plugins.settings import (
-    EvalPluginsConfig,
-    MllmJudgeConfig,
-    SimilarityModelConfig,
 )
 from collectionlora.evaluate.plugins.similarity import (
     FeatureSimilarity,

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from collectionlora.config import MllmJudgeConfig
 from collectionlora.errors import ConfigError
 from collectionlora.evaluate.plugins.base import MllmJudgeError, one_line
-from collectionlora.evaluate.plugins.settings import MllmJudgeConfig
 from collectionlora.images import to_pil
 
 VSA_MIN, VSA_MAX = 1, 5

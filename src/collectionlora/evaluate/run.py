@@ -1,0 +1,65 @@
+"""The evaluate stage end to end: bank + collection (+ baselines) -> every method scored -> report + gate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from collectionlora.bank import open_bank
+from collectionlora.config import Params
+from collectionlora.distill.export import read_collection
+from collectionlora.distill.prompting import PromptPlan
+from collectionlora.errors import CollectionLoraError
+from collectionlora.evaluate.evaluation import (
+    Evaluator,
+    make_cases,
+    structure_threshold,
+)
+from collectionlora.evaluate.gate import decide_gate
+from collectionlora.evaluate.judge import EffectJudge
+from collectionlora.evaluate.methods import MethodBuilder, check_gate_methods
+from collectionlora.evaluate.plugins import load_plugins
+from collectionlora.evaluate.report import write_report
+from collectionlora.models.backbone import Backbone
+
+SAMPLE_METHODS = ("teacher", "cascade", "student_8nfe")  # the columns of samples.png and bleeding.png
+
+
+def evaluate_collection(params: Params, collection: Path, baselines: Path | None, out: Path, params_file: Path = Path("params.yaml")) -> dict:
+    """Score every method of `evaluate.methods` on the bank's eval sources; writes `out` (see report.py)."""
+    started = time.perf_counter()
+    config = params.evaluate
+    check_gate_methods(params, params_file)
+    bank = open_bank(params.bank)
+    if bank.judge is None:
+        raise CollectionLoraError(f"{params.bank.manifest}: judge: the bank has no effect judge (train one with `collectionlora judge train`)")
+    record = read_collection(collection)
+    plan = PromptPlan.from_json(record["prompts"])
+    missing = [e.id for e in bank.effects if e.id not in {p.effect for p in plan.effects}]
+    if missing:
+        raise CollectionLoraError(f"{Path(collection) / 'collection.json'}: prompts.effects: the collection lacks the bank's effects {missing}")
+    plugins = load_plugins(params.eval_plugins)
+    judge = EffectJudge.load(bank.judge)
+    cases = make_cases(bank, config)
+    threshold = structure_threshold(bank, config.structure_quantile)
+    backbone = Backbone.load(params.base, bank.base_dir)
+    builder = MethodBuilder(params, bank, backbone, Path(collection), plan, baselines)
+    try:
+        methods = builder.build()
+        evaluator = Evaluator(bank, judge, cases, threshold, plugins, config, params.sampling)
+        results = [evaluator.run(method) for method in methods]
+    finally:
+        builder.close()
+    by_name = {r.name: r for r in results}
+    gate = decide_gate({r.name: r.summary for r in results}, by_name[config.gate.student].per_effect, config.gate)
+    context = {
+        "bank": bank.name,
+        "effects": [e.id for e in bank.effects],
+        "eval_sources": len(cases.sources),
+        "cases": sum(len(cases.sources) * len(s) for s in cases.seeds.values()),
+        "structure_threshold": threshold,
+        "plugins": plugins.enabled,
+        "seconds": time.perf_counter() - started,
+    }
+    sample_methods = [name for name in SAMPLE_METHODS if name in by_name]
+    return write_report(Path(out), results, gate, context, cases.sources, sample_methods)

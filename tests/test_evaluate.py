@@ -1,0 +1,210 @@
+"""The evaluate stage on a tiny real bank: the acceleration LoRA, the baselines, every method scored and
+reported, the gate's decisions, and bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import params_for_bank
+from PIL import Image
+from typer.testing import CliRunner
+
+from collectionlora.cli import app
+from collectionlora.config import GateConfig
+from collectionlora.distill.export import LORA_WEIGHTS
+from collectionlora.errors import CollectionLoraError, ConfigError
+from collectionlora.evaluate.gate import decide_gate
+from collectionlora.evaluate.report import (
+    BLEEDING,
+    COST,
+    GATE,
+    METRICS,
+    PER_EFFECT,
+    SAMPLES,
+    TABLE,
+)
+from collectionlora.lorafile import read_lora
+from collectionlora.stages import (
+    run_baselines,
+    run_distill,
+    run_evaluate,
+    run_rollout,
+    run_validate,
+)
+
+MANIFEST = "bank-3.yaml"  # 2 deterministic effects and 1 stochastic one
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bank: Path, tiny_params, tmp_path_factory) -> dict:
+    """A private copy of the tiny bank with rollouts, a tiny student and its baselines."""
+    work = tmp_path_factory.mktemp("evaluate")
+    root = work / "data"
+    shutil.copytree(tiny_bank, root)
+    params = params_for_bank(tiny_params, root, MANIFEST, tracking={"uri": f"sqlite:///{work / 'mlflow.db'}"})
+    run_rollout(params, work / "rollouts", None)
+    run_distill(params, work / "rollouts", work / "student")
+    report = run_baselines(params, work / "rollouts", work / "student" / "prompts.json", work / "baselines")
+    return {"params": params, "root": root, "work": work, "baselines_report": report}
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup) -> tuple[dict, Path]:
+    out = setup["work"] / "eval"
+    return run_evaluate(setup["params"], setup["work"] / "student", setup["work"] / "baselines", out), out
+
+
+def test_the_demo_bank_ships_an_acceleration_lora_that_validate_checks(setup):
+    root, params = setup["root"], setup["params"]
+    manifest = yaml.safe_load((root / MANIFEST).read_text())
+    path = root / manifest["acceleration"]
+    lora = read_lora(path, None)
+    assert set(lora.ranks().values()) == {params.distill.rank}
+    report = run_validate(params.bank, setup["work"] / "bank", None)
+    assert report["acceleration"]["path"] == manifest["acceleration"]
+    assert manifest["acceleration"] in report["files"]
+
+
+def test_baselines_are_an_fm_lora_and_one_merge_per_method(setup):
+    report, folder, params = setup["baselines_report"], setup["work"] / "baselines", setup["params"]
+    fm = read_lora(folder / report["fm_all_in_one"]["file"], None)
+    assert set(fm.ranks().values()) == {params.baselines.fm_all_in_one.rank}
+    rollout_rows = sum(len((setup["work"] / "rollouts" / e / "index.jsonl").read_text().splitlines()) for e in report["effects"])
+    assert report["fm_all_in_one"]["rows"] == rollout_rows
+    assert list(report["merges"]) == params.baselines.merges.methods
+    for method, entry in report["merges"].items():
+        assert (folder / entry["file"]).is_file(), method
+    assert json.loads((folder / "baselines.json").read_text()) == report
+    assert not (folder.parent / "baselines.partial").exists()
+
+
+def test_every_method_is_scored_and_every_output_written(evaluated, setup):
+    summary, out = evaluated
+    params = setup["params"]
+    expected = ["teacher", "cascade", "fm_all_in_one"] + [f"merge_{m}" for m in params.baselines.merges.methods]
+    expected += [f"student_{k}nfe" for k in params.evaluate.student_steps] + [f"fused_{d}" for d in params.evaluate.fused_dtypes]
+    assert list(summary["methods"]) == expected
+    for name in (METRICS, PER_EFFECT, TABLE, COST, GATE, BLEEDING, SAMPLES):
+        assert (out / name).is_file(), name
+    assert json.loads((out / METRICS).read_text()) == summary
+    effects = summary["effects"]
+    rows = list(csv.DictReader((out / PER_EFFECT).open()))
+    assert [(r["method"], r["effect"]) for r in rows] == [(m, e) for m in expected for e in effects]
+    for name, row in summary["methods"].items():
+        assert 0 <= row["judge_accuracy"] <= 1 and 0 <= row["bcr"] <= 1 and 0 <= row["bleed_rate"] <= 1, name
+    assert summary["cases"] == 2 * 2 + 2 * 2  # 2 sources; 2 deterministic effects x 1 seed, 1 stochastic x 2
+    table = (out / TABLE).read_text()
+    assert "| Teachers, 8 NFE (Base) | 8 |" in table and "## Gate (student_8nfe): " in table
+    with Image.open(out / SAMPLES) as image:  # per effect a row of source | teacher | cascade | student (x3 enlarged)
+        assert image.size == (4 * 96 + 5 * 2, len(effects) * (96 + 2) + 2)
+
+
+def test_metrics_compare_with_the_teacher_and_the_ground_truth(evaluated):
+    summary, out = evaluated
+    rows = {(r["method"], r["effect"]): r for r in csv.DictReader((out / PER_EFFECT).open())}
+    effects = summary["effects"]
+    stochastic = effects[-1]
+    for effect in effects[:-1]:
+        assert rows[("teacher", effect)]["psnr_truth_db"] and not rows[("teacher", effect)]["psnr_teacher_db"]
+        assert rows[("cascade", effect)]["psnr_teacher_db"] and not rows[("cascade", effect)]["fd_teacher"]
+    assert rows[("cascade", stochastic)]["fd_teacher"] and rows[("teacher", stochastic)]["diversity"]
+    assert not rows[("teacher", stochastic)]["psnr_truth_db"]
+
+
+def test_cost_counts_adapter_traffic_per_request_and_storage(evaluated, setup):
+    summary, _ = evaluated
+    methods = summary["methods"]
+    requests = setup["params"].evaluate.cost_requests
+    assert methods["teacher"]["adapter_loads_per_request"] > 1 / requests  # a new effect, a new load
+    assert methods["student_1nfe"]["adapter_loads_per_request"] <= 1 / requests  # loaded once at most
+    assert methods["fused_float32"]["adapter_switches_per_request"] == 0
+    assert methods["student_1nfe"]["stored_bytes"] == (setup["work"] / "student" / LORA_WEIGHTS).stat().st_size
+    assert methods["student_1nfe"]["nfe"] == 1 and methods["teacher"]["nfe"] == 8
+    assert methods["fused_float32"]["fused_delta_kept"] == pytest.approx(1.0, abs=1e-3)
+    assert 0 <= methods["fused_bfloat16"]["fused_delta_kept"] <= 1.5
+    assert methods["fused_bfloat16"]["stored_bytes"] * 2 == methods["fused_float32"]["stored_bytes"]
+
+
+def test_gate_json_holds_each_check_with_its_values(evaluated, setup):
+    summary, out = evaluated
+    gate = json.loads((out / GATE).read_text())
+    names = [c["name"] for c in gate["checks"]]
+    assert names == ["bcr_below_cascade", "bcr_below_fm_all_in_one", "bcr_near_teacher", "accuracy_near_teacher", "effect_floor"]
+    assert gate["passed"] == all(c["passed"] for c in gate["checks"]) == summary["gate"]["passed"]
+
+
+# ---- the gate on constructed summaries ----------------------------------------------------------------------
+GATE_CONFIG = GateConfig(student="s", teacher="t", beat_bcr_of=["c"], bcr_margin=0.02, accuracy_tolerance=0.02, effect_floor=0.5)
+
+
+def _decide(student: dict, per_effect: dict[str, float] | None = None):
+    summaries = {"s": student, "t": {"bcr": 0.10, "judge_accuracy": 0.90}, "c": {"bcr": 0.20, "judge_accuracy": 0.80}}
+    per_effect = per_effect or {"a": 0.9, "b": 0.8}
+    return decide_gate(summaries, {e: {"judge_accuracy": v} for e, v in per_effect.items()}, GATE_CONFIG)
+
+
+def test_gate_passes_a_student_that_matches_the_teachers_and_beats_the_cascade():
+    decision = _decide({"bcr": 0.11, "judge_accuracy": 0.885})
+    assert decision.passed and decision.reasons == []
+
+
+@pytest.mark.parametrize(
+    ("student", "per_effect", "failed"),
+    [
+        ({"bcr": 0.20, "judge_accuracy": 0.95}, None, ["bcr_below_c", "bcr_near_teacher"]),  # ties the cascade: not below
+        ({"bcr": 0.125, "judge_accuracy": 0.95}, None, ["bcr_near_teacher"]),
+        ({"bcr": 0.05, "judge_accuracy": 0.87}, None, ["accuracy_near_teacher"]),
+        ({"bcr": 0.05, "judge_accuracy": 0.95}, {"a": 1.0, "b": 0.49}, ["effect_floor"]),
+    ],
+)
+def test_gate_fails_with_the_reason_of_each_broken_check(student, per_effect, failed):
+    decision = _decide(student, per_effect)
+    assert not decision.passed
+    assert [c.name for c in decision.checks if not c.passed] == failed
+    assert all(reason.startswith("FAILED: ") for reason in decision.reasons)
+    if failed == ["effect_floor"]:
+        assert "(b)" in decision.reasons[0]
+
+
+# ---- bad input: one line, nothing written -------------------------------------------------------------------
+def test_a_gate_naming_an_unevaluated_method_fails_before_anything_runs(setup, tmp_path):
+    params = params_for_bank(setup["params"], setup["root"], MANIFEST, evaluate={"methods": ["teacher", "student"]})
+    with pytest.raises(ConfigError, match=r"evaluate\.gate\.beat_bcr_of: \['cascade', 'fm_all_in_one'\] not among"):
+        run_evaluate(params, setup["work"] / "student", setup["work"] / "baselines", tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_bank_without_acceleration_cannot_run_the_cascade(setup, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(setup["root"], root)
+    manifest = yaml.safe_load((root / MANIFEST).read_text())
+    del manifest["acceleration"]
+    (root / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    params = params_for_bank(setup["params"], root, MANIFEST)
+    with pytest.raises(CollectionLoraError, match=r"bank-3\.yaml: acceleration: the bank has no acceleration LoRA"):
+        run_evaluate(params, setup["work"] / "student", setup["work"] / "baselines", tmp_path / "eval")
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "eval.partial").exists()
+
+
+def test_the_cli_prints_the_methods_table_and_a_missing_baseline_is_one_line(setup, tmp_path):
+    params_file = tmp_path / "params.yaml"
+    raw = setup["params"].model_dump(mode="json")
+    raw["evaluate"]["methods"] = ["teacher", "cascade", "student"]
+    raw["evaluate"]["gate"]["beat_bcr_of"] = ["cascade"]
+    raw["evaluate"]["student_steps"] = [8]
+    params_file.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    args = ["evaluate", "--params", str(params_file), "--collection", str(setup["work"] / "student"), "--out", str(tmp_path / "eval")]
+    result = runner.invoke(app, [*args, "--baselines", str(tmp_path / "none")])
+    assert result.exit_code == 0, result.output
+    assert "| Student, 8 NFE (ours) | 8 |" in result.output and "## Gate (student_8nfe)" in result.output
+    raw["evaluate"]["methods"] = ["teacher", "cascade", "student", "fm_all_in_one"]
+    params_file.write_text(yaml.safe_dump(raw))
+    bad = runner.invoke(app, [*args, "--baselines", str(tmp_path / "none"), "--out", str(tmp_path / "eval2")])
+    assert bad.exit_code == 1 and "run `collectionlora baselines` first" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "eval2").exists()
