@@ -11,7 +11,11 @@ import yaml
 
 from collectionlora.effects import catalog
 
-COMMANDS = [[], ["effects", "list"], ["demo-bank", "build"], ["teachers", "train"], ["judge", "train"], ["validate"], ["preview"], ["rollout"], ["distill"], ["edit"], ["fidelity"]]
+COMMANDS = [
+    [], ["effects", "list"], ["demo-bank", "build"], ["teachers", "train"], ["judge", "train"], ["acceleration", "train"],
+    ["validate"], ["preview"], ["rollout"], ["distill"], ["edit"], ["baselines"], ["evaluate"],
+    ["experiment", "ablations"], ["experiment", "scaling"], ["experiment", "composition"], ["experiment", "incremental"],
+]
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -237,15 +237,3 @@ def test_incremental_add_keeps_old_triggers_and_reports_old_effects(trained, rol
 
     with pytest.raises(Exception, match="nothing to add"):
         run_distill(params, rollouts, tmp_path / "again", warm_start=tmp_path / "grown")
-
-
-def test_fidelity_report_puts_teachers_and_student_side_by_side(trained, rolled, tiny_params, tmp_path):
-    from collectionlora.evaluate.collection_report import collection_fidelity
-
-    out, _ = trained
-    root, _ = rolled
-    report = collection_fidelity(_params(tiny_params, root, tmp_path), out, [8, 1], tmp_path)
-    assert list(report["methods"]) == ["teacher_8nfe", "student_8nfe", "student_1nfe"]
-    assert set(report["methods"]["student_1nfe"]) == set(report["effects"])
-    assert all("psnr_reference_db" in row for row in report["methods"]["student_8nfe"].values())
-    assert "| **mean** |" in (tmp_path / "fidelity.md").read_text()

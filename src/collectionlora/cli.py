@@ -242,26 +242,6 @@ def edit(
     typer.echo(f"wrote {run_edit(params_from(params, set_), collection, effect, image, out, steps, then, seed, base)}")
 
 
-@app.command("fidelity")
-@one_line_errors
-def fidelity(
-    collection: Annotated[Path, typer.Option(help="Collection folder.")] = Path("artifacts/student"),
-    steps: Annotated[str, typer.Option(help="Student step counts, comma-separated.")] = "8,4,2,1",
-    out: Annotated[Path | None, typer.Option(help="Folder for fidelity.json and fidelity.md (default: the collection).")] = None,
-    params: ParamsOption = Path("params.yaml"),
-    set_: SetOption = None,
-) -> None:
-    """Per-effect judge rate and PSNR: the teachers at their many-step sampler vs the student at few steps."""
-    from collectionlora.evaluate.collection_report import (
-        collection_fidelity,
-        markdown_table,
-    )
-
-    counts = [int(part) for part in steps.split(",") if part.strip()]
-    report = collection_fidelity(params_from(params, set_), collection, counts, out or collection)
-    typer.echo(markdown_table(report))
-
-
 @app.command("baselines")
 @one_line_errors
 def baselines(
