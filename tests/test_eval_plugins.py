@@ -13,6 +13,16 @@ from conftest import REPO
 from fake_chat import FakeChatEndpoint, serving
 from PIL import Image
 from pydantic import ValidationError
+from tiny_vision import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TINY,
+    TINY_TOWER,
+    processor_config,
+    save_checkpoint,
+)
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -42,46 +52,15 @@ from collectionlora.evaluate.plugins import (
 from collectionlora.evaluate.plugins.mllm_judge import parse_alignment, parse_bad_case
 from collectionlora.images import from_pil
 
-# ---- tiny checkpoints, saved the way hub snapshots are laid out ------------------------------------
-TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-TINY = {**TINY_TOWER, "image_size": 32, "patch_size": 8}
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def _processor_config(kind: str, mean: list[float], std: list[float]) -> dict:
-    """A preprocessor_config.json like the hub's (resize shortest edge, centre crop, rescale, normalise)."""
-    return {
-        "image_processor_type": kind,
-        "do_resize": True,
-        "size": {"shortest_edge": 32},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 32, "width": 32},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": mean,
-        "image_std": std,
-        "do_convert_rgb": True,
-    }
-
-
-def _save(model: torch.nn.Module, folder: Path, processor: dict | None) -> Path:
-    model.save_pretrained(folder)
-    if processor is not None:
-        (folder / "preprocessor_config.json").write_text(json.dumps(processor), encoding="utf-8")
-    return folder
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Random tiny checkpoints: CLIP vision+projection, a full CLIP, DINOv2, DINO v1 (ViT), CLIP without projection."""
     root = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
-    clip_processor = _processor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD)
-    dino_processor = _processor_config("BitImageProcessor", IMAGENET_MEAN, IMAGENET_STD)
-    vit_processor = _processor_config("ViTImageProcessor", IMAGENET_MEAN, IMAGENET_STD)
+    clip_processor = processor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD)
+    dino_processor = processor_config("BitImageProcessor", IMAGENET_MEAN, IMAGENET_STD)
+    vit_processor = processor_config("ViTImageProcessor", IMAGENET_MEAN, IMAGENET_STD)
     vit_processor |= {"size": {"height": 32, "width": 32}, "do_center_crop": False}  # as facebook/dino-vit*
     text = {**TINY_TOWER, "vocab_size": 99, "max_position_embeddings": 16}
     text |= {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
@@ -89,12 +68,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     clip_vision = CLIPVisionConfig(**TINY, projection_dim=16)
     full_clip = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY, projection_dim=16))
     return {
-        "clip": _save(CLIPVisionModelWithProjection(clip_vision), root / "clip", clip_processor),
-        "clip_full": _save(full_clip, root / "clip_full", clip_processor),
-        "dinov2": _save(Dinov2Model(Dinov2Config(**TINY)), root / "dinov2", dino_processor),
-        "dino_vit": _save(ViTModel(ViTConfig(**TINY), add_pooling_layer=False), root / "dino_vit", vit_processor),
-        "clip_no_projection": _save(CLIPVisionModel(CLIPVisionConfig(**TINY)), root / "clip_no_projection", clip_processor),
-        "clip_no_processor": _save(CLIPVisionModelWithProjection(clip_vision), root / "no_processor", None),
+        "clip": save_checkpoint(CLIPVisionModelWithProjection(clip_vision), root / "clip", clip_processor),
+        "clip_full": save_checkpoint(full_clip, root / "clip_full", clip_processor),
+        "dinov2": save_checkpoint(Dinov2Model(Dinov2Config(**TINY)), root / "dinov2", dino_processor),
+        "dino_vit": save_checkpoint(ViTModel(ViTConfig(**TINY), add_pooling_layer=False), root / "dino_vit", vit_processor),
+        "clip_no_projection": save_checkpoint(CLIPVisionModel(CLIPVisionConfig(**TINY)), root / "clip_no_projection", clip_processor),
+        "clip_no_processor": save_checkpoint(CLIPVisionModelWithProjection(clip_vision), root / "no_processor", None),
     }
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import params_for_bank
+from fake_chat import FakeChatEndpoint, serving
 from PIL import Image
+from tiny_vision import tiny_clip, tiny_dinov2
 from typer.testing import CliRunner
 
 from collectionlora.cli import app
@@ -208,3 +210,35 @@ def test_the_cli_prints_the_methods_table_and_a_missing_baseline_is_one_line(set
     bad = runner.invoke(app, [*args, "--baselines", str(tmp_path / "none"), "--out", str(tmp_path / "eval2")])
     assert bad.exit_code == 1 and "run `collectionlora baselines` first" in bad.output
     assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "eval2").exists()
+
+
+# ---- real-model metrics behind the same interface ----------------------------------------------------------
+class AlwaysGood(FakeChatEndpoint):
+    """An MLLM that finds no bad case and scores every subject 4."""
+
+    def reply(self, auth: str) -> tuple[int, str]:
+        prompt = self.requests[-1]["json"]["messages"][0]["content"][0]["text"]
+        answer = '{"brief_reasoning": "fine", "is_bad_case": false}' if "is_bad_case" in prompt else '{"brief_reasoning": "same", "scores": 4}'
+        return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]})
+
+
+def test_enabled_plugins_add_clip_dino_and_mllm_columns(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLLECTIONLORA_MLLM_API_KEY", "test-key-not-secret")
+    with serving(AlwaysGood(), monkeypatch) as fake:
+        plugins = {
+            "clip": {"enabled": True, "path": str(tiny_clip(tmp_path / "clip"))},
+            "dino": {"enabled": True, "path": str(tiny_dinov2(tmp_path / "dino"))},
+            "mllm": {"enabled": True, "url": fake.url, "model": "fake-vl"},
+        }
+        methods = {"methods": ["teacher", "student"], "student_steps": [8], "gate": {"beat_bcr_of": []}}
+        params = params_for_bank(setup["params"], setup["root"], MANIFEST, eval_plugins=plugins, evaluate=methods)
+        summary = run_evaluate(params, setup["work"] / "student", None, tmp_path / "eval")
+    teacher, student = summary["methods"]["teacher"], summary["methods"]["student_8nfe"]
+    assert summary["plugins"] == ["clip", "dino", "judge"]
+    assert "clip_teacher" not in teacher and -1 <= student["clip_teacher"] <= 1  # CLIP compares with the teacher's edit
+    assert -1 <= teacher["dino_source"] <= 1 and -1 <= student["dino_source"] <= 1
+    assert teacher["mllm_bcr"] == student["mllm_bcr"] == 0.0 and teacher["mllm_vsa"] == student["mllm_vsa"] == 4.0
+    assert len(fake.requests) == 2 * 2 * summary["cases"]  # BCR + VSA per case, for both methods
+    assert all(r["auth"] == "Bearer test-key-not-secret" for r in fake.requests)
+    table = (tmp_path / "eval" / TABLE).read_text()
+    assert "| CLIP ↑ | DINO ↑ | MLLM BCR ↓ | VSA ↑ |" in table and "test-key-not-secret" not in table
