@@ -242,3 +242,14 @@ def test_enabled_plugins_add_clip_dino_and_mllm_columns(setup, tmp_path, monkeyp
     assert all(r["auth"] == "Bearer test-key-not-secret" for r in fake.requests)
     table = (tmp_path / "eval" / TABLE).read_text()
     assert "| CLIP ↑ | DINO ↑ | MLLM BCR ↓ | VSA ↑ |" in table and "test-key-not-secret" not in table
+
+
+def test_the_bleeding_plot_puts_the_requested_effects_on_its_diagonal():
+    from collectionlora.evaluate.metrics import bleeding_matrix
+    from collectionlora.evaluate.report import condensed_rates
+
+    labels = ["none", "x", "b", "y", "a"]  # judge order differs from the bank's, with labels the bank lacks
+    matrix = bleeding_matrix(["a", "a", "a", "a", "b", "b"], ["a", "a", "b", "y", "none", "b"], labels)
+    columns, rates = condensed_rates(matrix)
+    assert list(matrix.effects) == ["b", "a"] and columns == ["b", "a", "none", "other"]
+    assert rates.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.25, 0.5, 0.0, 0.25]]

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from collectionlora.evaluate.evaluation import MethodResult
 from collectionlora.evaluate.gate import GateDecision
+from collectionlora.evaluate.judge import NONE
+from collectionlora.evaluate.metrics import BleedingMatrix
 from collectionlora.images import grid, save_png
 
 METRICS, PER_EFFECT, TABLE, COST, GATE = "metrics.json", "per_effect.csv", "methods.md", "cost.csv", "gate.json"
@@ -58,9 +60,9 @@ def write_report(out: Path, results: Sequence[MethodResult], gate: GateDecision,
     (staging / GATE).write_text(json.dumps(gate.to_json(), indent=2) + "\n", encoding="utf-8")
     (staging / PER_EFFECT).write_text(per_effect_csv(results), encoding="utf-8")
     (staging / COST).write_text(cost_csv(results), encoding="utf-8")
-    (staging / TABLE).write_text(methods_markdown(results, gate, context), encoding="utf-8")
     by_name = {r.name: r for r in results}
     shown = [by_name[name] for name in sample_methods if name in by_name]
+    (staging / TABLE).write_text(methods_markdown(results, gate, context, [r.name for r in shown]), encoding="utf-8")
     bleeding_png(shown, staging / BLEEDING)
     save_png(samples_grid(sources, shown), staging / SAMPLES)
     if out.exists():
@@ -97,7 +99,7 @@ def cost_csv(results: Sequence[MethodResult]) -> str:
     return buffer.getvalue()
 
 
-def methods_markdown(results: Sequence[MethodResult], gate: GateDecision, context: dict) -> str:
+def methods_markdown(results: Sequence[MethodResult], gate: GateDecision, context: dict, shown: Sequence[str]) -> str:
     """Table 1 (means over effects), the per-effect judge accuracy, cost, and the gate's verdict."""
     columns = [c for c in TABLE_COLUMNS if any(c[0] in r.summary for r in results)]
     lines = [
@@ -117,7 +119,8 @@ def methods_markdown(results: Sequence[MethodResult], gate: GateDecision, contex
         lines.append(f"| {r.name} | " + " | ".join(_number(r.cost.get(k)) for k in COST_COLUMNS) + " |")
     verdict = "PASSED" if gate.passed else "FAILED"
     lines += ["", f"## Gate ({gate.student}): {verdict}", ""] + [f"- {c.detail}" for c in gate.checks]
-    lines += ["", METRIC_NOTES]
+    figures = " | ".join(["source", *shown])
+    lines += ["", f"{SAMPLES}: one row per effect (in the order above): {figures}. {BLEEDING}: {', '.join(shown)}.", "", METRIC_NOTES]
     return "\n".join(lines) + "\n"
 
 
@@ -132,17 +135,18 @@ switches per request over a simulated stream of random-effect requests."""
 
 
 def bleeding_png(results: Sequence[MethodResult], path: Path) -> None:
-    """One heatmap per method: requested effect (rows) x judged label (columns), row-normalised."""
+    """One heatmap per method: requested effect (rows) x judged label (columns, the requested effects in
+    the same order, then "none" and every other label of the judge pooled as "other"), row-normalised."""
     if not results:
         raise ValueError("no method to draw a bleeding matrix for")
-    first = results[0].bleeding
-    size = max(4.0, 0.35 * len(first.labels))
+    effects = list(results[0].bleeding.effects)
+    size = max(4.0, 0.45 * (len(effects) + 2))
     figure, axes = plt.subplots(1, len(results), figsize=(size * len(results), size), squeeze=False)
     for axis, result in zip(axes[0], results):
-        matrix = result.bleeding
-        axis.imshow(matrix.rates.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-        axis.set_xticks(range(len(matrix.labels)), matrix.labels, rotation=90, fontsize=7)
-        axis.set_yticks(range(len(matrix.effects)), matrix.effects, fontsize=7)
+        columns, rates = condensed_rates(result.bleeding)
+        axis.imshow(rates.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+        axis.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
+        axis.set_yticks(range(len(effects)), effects, fontsize=7)
         axis.set_xlabel("judged as")
         axis.set_title(result.label, fontsize=9)
     axes[0][0].set_ylabel("requested")
@@ -150,6 +154,16 @@ def bleeding_png(results: Sequence[MethodResult], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def condensed_rates(matrix: BleedingMatrix) -> tuple[list[str], Tensor]:
+    """The matrix's rates over columns (requested effects..., none, other): a judge knows many more labels
+    than one bank has effects, and the diagonal should read as one."""
+    columns = [*matrix.effects, NONE]
+    picked = [matrix.labels.index(label) for label in columns if label in matrix.labels]
+    kept = matrix.rates[:, picked]
+    other = matrix.rates.sum(1, keepdim=True) - kept.sum(1, keepdim=True)
+    return [label for label in columns if label in matrix.labels] + ["other"], torch.cat([kept, other.clamp(min=0)], 1)
 
 
 def samples_grid(sources: Tensor, results: Sequence[MethodResult]) -> Tensor:
