@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from collectionlora.config import TrackingConfig
@@ -42,6 +43,10 @@ class RunLogger:
             experiment.experiment_id if experiment else client.create_experiment(config.experiment, artifact_location=artifacts)
         )
         self._mlflow = mlflow
+        if resume_run_id and not _run_exists(client, resume_run_id):
+            # a checkpoint moved to another machine or tracking server: its run is not there to continue
+            print(f"tracking: run {resume_run_id} of the checkpoint is not in {uri}; logging the resumed steps to a new run", file=sys.stderr)
+            resume_run_id = None
         if resume_run_id:
             run = mlflow.start_run(run_id=resume_run_id)
         else:
@@ -64,6 +69,16 @@ class RunLogger:
     def close(self, status: str = "FINISHED") -> None:
         if self.active and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
