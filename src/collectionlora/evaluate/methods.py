@@ -21,7 +21,12 @@ from collectionlora.distill.export import LORA_WEIGHTS
 from collectionlora.distill.prompting import PromptPlan
 from collectionlora.errors import CollectionLoraError, ConfigError
 from collectionlora.evaluate.baselines import FM_ALL_IN_ONE, MERGES
-from collectionlora.lorafile import base_linear_shapes, read_lora, write_lora
+from collectionlora.lorafile import (
+    LoraWeights,
+    base_linear_shapes,
+    read_lora,
+    write_lora,
+)
 from collectionlora.merging import merge_weights
 from collectionlora.models.backbone import Backbone
 from collectionlora.sampling import student_timesteps
@@ -78,7 +83,8 @@ class MethodBuilder:
         self.adapters = AdapterSet(backbone.transformer)
         self.effects = [e.id for e in bank.effects]
         self._work = tempfile.TemporaryDirectory(prefix="collectionlora-eval-")
-        self._shapes = None
+        self._shapes = base_linear_shapes(backbone.transformer)
+        self._read: dict[Path, LoraWeights] = {}  # the acceleration LoRA is stacked on many: read it once
 
     def close(self) -> None:
         self._work.cleanup()
@@ -182,10 +188,10 @@ class MethodBuilder:
         return Path(self.baselines) / relative
 
     def _stacked(self, name: str, first: Path, second: Path) -> Path:
-        """The exact sum of two LoRAs as one file (a cat merge)."""
-        if self._shapes is None:
-            self._shapes = base_linear_shapes(self.backbone.transformer)
-        loras = [read_lora(first, self._shapes), read_lora(second, self._shapes)]
+        """The exact sum of two LoRAs as one file (a cat merge); `second` is the shared acceleration LoRA."""
+        if second not in self._read:
+            self._read[second] = read_lora(second, self._shapes)
+        loras = [read_lora(first, self._shapes), self._read[second]]
         merged = merge_weights(loras, "cat", None, rank=1, density=1.0, majority_sign_method="total", seed=0)
         path = Path(self._work.name) / f"{name}.safetensors"
         write_lora(merged, path, "diffusers")

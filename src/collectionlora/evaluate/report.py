@@ -169,11 +169,10 @@ def condensed_rates(matrix: BleedingMatrix) -> tuple[list[str], Tensor]:
 def samples_grid(sources: Tensor, results: Sequence[MethodResult]) -> Tensor:
     """Per effect and shown source, one row: source | each method's seed-0 edit (in `results` order)."""
     rows = []
-    effects = list(results[0].samples) if results else []
-    for effect in effects:
+    for effect in results[0].samples:
         for i in range(len(results[0].samples[effect])):
             rows.append([sources[i]] + [r.samples[effect][i] for r in results])
-    return grid(rows, scale=3) if rows else torch.ones(3, 8, 8)
+    return grid(rows, scale=3)
 
 
 def _number(value: float | None) -> str:
