@@ -122,14 +122,14 @@ def test_structure_threshold_is_the_requested_quantile_of_the_ground_truth_score
     assert len(set(scores.round(6))) > 10  # distinct scores, so the quantile is not trivially any of them
 
     for quantile in (0.05, 0.25, 0.5):
-        threshold = calibrate_structure_threshold(sources, truth, quantile)
+        threshold = calibrate_structure_threshold({e: (sources, t) for e, t in truth.items()}, quantile)
         assert threshold == pytest.approx(np.quantile(scores, quantile, method="lower"), abs=1e-9)
         assert threshold in set(scores)  # an observed score, not an interpolation
         assert (scores < threshold).mean() <= quantile
         assert (scores <= threshold).mean() >= quantile
-    lowest = calibrate_structure_threshold(sources, truth, quantile=0.0)
+    lowest = calibrate_structure_threshold({e: (sources, t) for e, t in truth.items()}, quantile=0.0)
     assert lowest == pytest.approx(scores.min())
-    blur = calibrate_structure_threshold(sources, {"blur": truth["blur"]}, 0.5)
+    blur = calibrate_structure_threshold({"blur": (sources, truth["blur"])}, 0.5)
     blur_scores = structure_similarity(sources, truth["blur"]).double()
     assert blur == pytest.approx(float(blur_scores.sort().values[2]), abs=1e-9)  # lower median of 6
 

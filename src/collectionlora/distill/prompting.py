@@ -10,6 +10,7 @@ Captions come from a template (offline) or an OpenAI-compatible VLM endpoint (th
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import io
 import json
@@ -90,6 +91,10 @@ class PromptPlan:
             if row.effect == effect_id:
                 return row.student_prompt
         raise KeyError(f"prompt plan: no effect '{effect_id}'")
+
+    def digest(self) -> str:
+        """A short content hash of the plan: what checkpoints and baselines were made with."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
         return {"captioner": self.captioner, "max_cosine": dict(self.max_cosine), "effects": [asdict(e) for e in self.effects]}

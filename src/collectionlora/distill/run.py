@@ -187,7 +187,7 @@ def _fingerprint(params: Params, plan: PromptPlan, rollouts: Path, effect_ids: l
     distill = {k: v for k, v in params.distill.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
     flat = {f"distill.{k}": json.dumps(v) for k, v in distill.items()}
     flat.update({f"sampling.{k}": json.dumps(v) for k, v in params.sampling.model_dump(mode="json").items()})
-    flat["prompts"] = _digest(json.dumps(plan.to_json(), sort_keys=True).encode())
+    flat["prompts"] = plan.digest()
     for effect_id in effect_ids:
         flat[f"rollouts.{effect_id}"] = _digest((rollouts / effect_id / "index.jsonl").read_bytes())
     flat["world_size"] = str(world.size)

@@ -11,7 +11,6 @@ student prompts (prompts.json), not on the student's weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -82,7 +81,7 @@ def write_baselines(params: Params, backbone: Backbone, bank: Bank, rollouts: di
     )
     report = {
         "effects": [e.id for e in bank.effects],
-        "prompts_sha256": plan_digest(plan),
+        "prompts_sha256": plan.digest(),
         FM_ALL_IN_ONE: {
             "file": f"{FM_ALL_IN_ONE}/{LORA_WEIGHTS}",
             "sha256": file_sha256(staging / FM_ALL_IN_ONE / LORA_WEIGHTS),
@@ -102,7 +101,3 @@ def write_baselines(params: Params, backbone: Backbone, bank: Bank, rollouts: di
     os.replace(staging, out)
     return report
 
-
-def plan_digest(plan: PromptPlan) -> str:
-    """What the FM baseline's prompts were, to tell a stale baselines folder from a current one."""
-    return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]

@@ -69,13 +69,8 @@ class MethodResult:
 
 
 def structure_threshold(bank: Bank, quantile: float) -> float:
-    """BCR's structure-lost threshold from the bank's own ground-truth pairs (every effect pooled): the
-    `quantile` of their structure scores, so at most that share of genuine edits counts as lost."""
-    scores = []
-    for effect in bank.effects:
-        sources, results = bank.load_pairs(effect)
-        scores.append(metrics.structure_similarity(sources, results))
-    return float(torch.quantile(torch.cat(scores).double(), quantile, interpolation="lower"))
+    """BCR's structure-lost threshold, calibrated on the bank's own ground-truth pairs (every effect pooled)."""
+    return metrics.calibrate_structure_threshold({e.id: bank.load_pairs(e) for e in bank.effects}, quantile)
 
 
 def edit(method: Method, effect: str, sources: Tensor, seeds: list[int], sampling: SamplingConfig) -> Tensor:

@@ -106,19 +106,18 @@ def structure_similarity(sources: Tensor, images: Tensor) -> Tensor:
     return ssim(edge_map(images.float()), edge_map(sources.float()))
 
 
-def calibrate_structure_threshold(
-    sources: Tensor, ground_truth_by_effect: dict[str, Tensor], quantile: float = 0.05
-) -> float:
+def calibrate_structure_threshold(ground_truth_pairs: dict[str, tuple[Tensor, Tensor]], quantile: float = 0.05) -> float:
     """The structure score below which an edit counts as having lost its subject: the `quantile` of the scores of
-    the procedural ground-truth edits of `sources` (all effects pooled). The quantile is taken without
-    interpolation (the observed score at or below it), so at most that share of genuine edits falls below the
-    threshold; quantile 0 is the lowest score. Pass a one-effect dict for a per-effect threshold."""
-    if not ground_truth_by_effect:
+    genuine edits, `ground_truth_pairs[effect] = (sources, their ground-truth edits)` (all effects pooled; a bank's
+    own pairs, or procedural ground truth). The quantile is taken without interpolation (the observed score at or
+    below it), so at most that share of genuine edits falls below the threshold; quantile 0 is the lowest score.
+    Pass a one-effect dict for a per-effect threshold."""
+    if not ground_truth_pairs:
         raise ValueError("no ground-truth edits given to calibrate the structure threshold")
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     scores = []
-    for effect_id, truth in ground_truth_by_effect.items():
+    for effect_id, (sources, truth) in ground_truth_pairs.items():
         if truth.shape != sources.shape:
             shapes = f"{tuple(truth.shape)} vs sources {tuple(sources.shape)}"
             raise ValueError(f"effect {effect_id}: ground truth does not match its sources, {shapes}")
