@@ -11,7 +11,10 @@ import pytest
 import yaml
 from conftest import params_for_bank
 
+from collectionlora.bank import open_bank
+from collectionlora.effects import catalog
 from collectionlora.errors import CollectionLoraError
+from collectionlora.evaluate.judge import EffectJudge
 from collectionlora.experiments import (
     run_ablations,
     run_composition,
@@ -58,7 +61,16 @@ def test_composition_scores_both_effects_composed_and_chained(lab):
     assert [(p["first"], p["then"]) for p in result["pairs"]] == [(effects[0], effects[1]), (effects[1], effects[0])]
     for kind in ("composed", "chained"):
         assert all(0 <= v <= 1 for v in result["means"][kind].values())
-    assert "| composed | 8 |" in (out / "composition.md").read_text() and "| chained | 16 |" in (out / "composition.md").read_text()
+    table = (out / "composition.md").read_text()
+    assert "| composed | 8 |" in table and "| chained | 16 |" in table and "| ground truth |  |" in table
+    bank = open_bank(lab["params"].bank)
+    judge = EffectJudge.load(bank.judge)
+    sources = bank.load_eval_sources()[: lab["params"].evaluate.eval_images]
+    known = catalog()
+    first, then = effects[0], effects[1]
+    truth = judge.predict_proba(sources, known[then].apply(known[first].apply(sources, 0), 0))
+    expected = float(truth[:, judge.labels.index(first)].mean())
+    assert result["pairs"][0]["ground_truth"]["p_first"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_incremental_adds_the_larger_banks_next_effect(lab):
