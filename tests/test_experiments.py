@@ -91,3 +91,4 @@ def test_scaling_compares_the_methods_at_each_size(lab):
     assert json.loads((out / "n3" / "eval" / "metrics.json").read_text())["effects"] == effects
     assert json.loads((out / "n1" / "eval" / "metrics.json").read_text())["effects"] == effects[:1]
     assert "| All-in-1 (ours) |" in (out / "scaling.md").read_text()
+    assert result["fm_all_in_one_steps"] == lab["params"].baselines.fm_all_in_one.steps

@@ -147,7 +147,11 @@ def run_scaling(params: Params, manifest: Path, rollouts: Path, out: Path, sizes
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     budget = f"{params.distill.max_steps} distillation iterations, FM all-in-1 {params.baselines.fm_all_in_one.steps} steps"
     table = f"# Scaling (Table 4): judge accuracy ↑ / BCR ↓, the same budget at every size ({budget})\n\n" + "\n".join(lines) + "\n"
-    return _write(out, "scaling", {"sizes": sizes, "manifest": str(manifest), "methods": columns, "distill_max_steps": params.distill.max_steps}, table)
+    result = {
+        "sizes": sizes, "manifest": str(manifest), "methods": columns,
+        "distill_max_steps": params.distill.max_steps, "fm_all_in_one_steps": params.baselines.fm_all_in_one.steps,
+    }
+    return _write(out, "scaling", result, table)
 
 
 # ---- composition -------------------------------------------------------------------------------------
