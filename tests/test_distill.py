@@ -98,6 +98,31 @@ def test_effect_groups_must_fit_the_global_batch(rolled, tiny_params, tmp_path):
     assert not (tmp_path / "student" / LORA_WEIGHTS).exists()
 
 
+def test_ta_fm_repeats_add_one_target_copy_per_repeat_to_the_generator_forward(rolled, tiny_params, tmp_path):
+    root, rollouts = rolled
+    items = {}
+    for repeats in (1, 3):
+        params = _params(tiny_params, root, tmp_path, pdsr=False, max_steps=1, generator_every=1, ta_fm_repeats=repeats)
+        summary = run_distill(params, rollouts, tmp_path / f"student-{repeats}")
+        assert summary["last_window"]["loss_ta_fm"] > 0
+        items[repeats] = summary["transformer_forward_items"]
+    assert items[3] - items[1] == 2 * tiny_params.distill.batch_size
+
+
+def test_a_decaying_learning_rate_ties_the_run_to_its_length(rolled, tiny_params, tmp_path):
+    """Under a cosine schedule max_steps changes every step's rate: extending a run on resume is refused."""
+    root, rollouts = rolled
+    out = tmp_path / "student"
+    run_distill(_params(tiny_params, root, tmp_path, lr_schedule="cosine", max_steps=2, checkpoint_every=1), rollouts, out)
+    longer = _params(tiny_params, root, tmp_path, lr_schedule="cosine", max_steps=4, checkpoint_every=1)
+    with pytest.raises(Exception, match=r"fingerprint\.distill\.max_steps"):
+        run_distill(longer, rollouts, out, resume=True)
+    constant = tmp_path / "constant"
+    run_distill(_params(tiny_params, root, tmp_path, lr_schedule="constant", max_steps=2, checkpoint_every=1), rollouts, constant)
+    extended = run_distill(_params(tiny_params, root, tmp_path, lr_schedule="constant", max_steps=4, checkpoint_every=1), rollouts, constant, resume=True)
+    assert extended["steps"] == 4
+
+
 def test_ablations_switch_terms_off(rolled, tiny_params, tmp_path):
     root, rollouts = rolled
     params = _params(tiny_params, root, tmp_path, pdsr=False, ts=False, ta_fm=False, max_steps=2, generator_every=1, log_every=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -110,3 +112,12 @@ def test_per_item_draws_do_not_depend_on_the_batch_they_are_in():
     like = torch.zeros(4, 6, 2)
     assert torch.equal(schedule.noise_items(3, 7, "n", [0, 1, 2, 3], like)[1], schedule.noise_items(3, 7, "n", [1], like[:1])[0])
     assert not torch.equal(schedule.uniform_items(3, 8, "x", [0]), schedule.uniform_items(3, 7, "x", [0]))
+
+
+def test_learning_rate_factor_is_constant_or_a_cosine_to_zero():
+    assert [schedule.lr_factor("constant", s, 10) for s in (0, 5, 10)] == [1.0, 1.0, 1.0]
+    cosine = [schedule.lr_factor("cosine", s, 10) for s in range(11)]
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0)
+    assert all(a > b for a, b in itertools.pairwise(cosine))
+    with pytest.raises(ValueError, match="linear"):
+        schedule.lr_factor("linear", 0, 10)

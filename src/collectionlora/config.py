@@ -191,6 +191,8 @@ class DistillConfig(Section):
     effects_per_batch: int = Field(ge=1)
     lr: float = Field(gt=0)
     critic_lr: float = Field(gt=0)
+    # constant (paper, reference); cosine: both learning rates decay to 0 over the run's steps
+    lr_schedule: Literal["constant", "cosine"]
     weight_decay: float = Field(ge=0)
     grad_clip: float = Field(gt=0)
     pdsr: bool  # off (ablation): effect stream only
@@ -204,6 +206,7 @@ class DistillConfig(Section):
     ts_critic_range: tuple[float, float]  # TS critic time, pre-shift, [low, high)
     ta_fm: bool
     ta_fm_weight: float = Field(ge=0)
+    ta_fm_repeats: int = Field(ge=1)  # TA-FM draws (time, noise) per target row per generator step; paper 1
     ta_fm_timestep: Literal["paper", "reference"]  # reference: shifted twice, lower-bounded by the BS time
     # true: the critic trains on the generator step's student samples until the next generator step
     # (fresh noise and time each update); reference (false): a fresh backward simulation every update

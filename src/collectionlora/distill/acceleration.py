@@ -36,6 +36,7 @@ def train_acceleration(
             "p_switch": 0.0,
             "ts": False,
             "ta_fm": False,
+            "lr_schedule": "constant",
             "effects_per_batch": 1,
             "max_steps": params.acceleration.max_steps,
             "seed": params.acceleration.seed,
@@ -46,7 +47,9 @@ def train_acceleration(
     adapters.add_trainable(CRITIC, config.rank, config.alpha, config.targets, config.seed + 1)
     data = DistillData(backbone, {}, general_sources, instructions, params.sampling.negative_prompt)
     schedule = EffectSchedule([], [], 0.0, config.seed)
-    distiller = Distiller(backbone, adapters, config, params.sampling, student_timesteps(params.sampling), data, schedule, World(0, 1, 0))
+    distiller = Distiller(
+        backbone, adapters, config, params.sampling, student_timesteps(params.sampling), data, schedule, World(0, 1, 0), config.max_steps
+    )
     skipped = 0
     for _ in tqdm(range(config.max_steps), desc="acceleration", mininterval=2.0):
         skipped += distiller.step().skipped

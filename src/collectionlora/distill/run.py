@@ -113,11 +113,11 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     replay = params.incremental.replay if warm_start else 0.0
     schedule = EffectSchedule(new_effects if warm_start else effect_ids, old_effects, replay, config.seed)
     timesteps = student_timesteps(params.sampling)
-    distiller = Distiller(backbone, adapters, config, params.sampling, timesteps, data, schedule, world)
     max_steps = (
         params.incremental.generator_steps_per_effect * len(new_effects) * config.generator_every if warm_start else config.max_steps
     )
-    fingerprint = _fingerprint(params, plan, rollouts, effect_ids, world, warm_start)
+    distiller = Distiller(backbone, adapters, config, params.sampling, timesteps, data, schedule, world, max_steps)
+    fingerprint = _fingerprint(params, plan, rollouts, effect_ids, world, warm_start, max_steps)
 
     before = None
     if checkpoints:
@@ -182,10 +182,15 @@ def _prompt_plan(
     return read_prompt_plan(path, [e.id for e in bank.effects])
 
 
-def _fingerprint(params: Params, plan: PromptPlan, rollouts: Path, effect_ids: list[str], world: World, warm_start: Path | None) -> dict:
-    """What a checkpoint's training depends on, flattened, so a mismatch names the field."""
+def _fingerprint(
+    params: Params, plan: PromptPlan, rollouts: Path, effect_ids: list[str], world: World, warm_start: Path | None, max_steps: int
+) -> dict:
+    """What a checkpoint's training depends on, flattened, so a mismatch names the field. A decaying
+    learning rate ties the run to its length: then max_steps is part of it."""
     distill = {k: v for k, v in params.distill.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
     flat = {f"distill.{k}": json.dumps(v) for k, v in distill.items()}
+    if params.distill.lr_schedule != "constant":
+        flat["distill.max_steps"] = json.dumps(max_steps)
     flat.update({f"sampling.{k}": json.dumps(v) for k, v in params.sampling.model_dump(mode="json").items()})
     flat["prompts"] = plan.digest()
     for effect_id in effect_ids:

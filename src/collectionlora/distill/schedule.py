@@ -7,6 +7,7 @@ state, and an item gets the same draws whichever rank or batch it lands in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,3 +67,12 @@ def ta_fm_timesteps(u: torch.Tensor, mode: str, bs_timesteps: torch.Tensor, shif
     low = torch.floor(bs_timesteps).clamp(max=GRID - 1)
     t = torch.floor(low + u * (GRID - low)).clamp(max=GRID - 1)
     return shift_timestep(t, shift).clamp(1, GRID)
+
+
+def lr_factor(kind: str, step: int, total_steps: int) -> float:
+    """The learning-rate multiplier at `step` of a `total_steps` run: constant 1, or a cosine from 1 to 0."""
+    if kind == "constant":
+        return 1.0
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    raise ValueError(f"unknown learning-rate schedule {kind!r}")

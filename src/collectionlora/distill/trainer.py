@@ -93,9 +93,12 @@ class Distiller:
         data: DistillData,
         effects: EffectSchedule,
         world: World,
+        total_steps: int,
     ):
+        """`total_steps`: the run's length, the horizon of a decaying learning-rate schedule."""
         self.backbone, self.adapters, self.config, self.sampling = backbone, adapters, config, sampling
         self.timesteps, self.data, self.effects, self.world = timesteps, data, effects, world
+        self.total_steps = total_steps
         self.router = StreamRouter(config, world.rank)
         self.student = _named(backbone.transformer, STUDENT)
         self.critic = _named(backbone.transformer, CRITIC)
@@ -131,6 +134,7 @@ class Distiller:
             batch = self._batch(stream, effects, step)
             self._count_batch(stream)
         log = StepLog(stream=batch.stream)
+        self._set_learning_rates(step)
         sample = self._cached_sample if reuse else None
         if generator_step:
             losses, sample, ok = self._generator_update(batch, step)
@@ -148,6 +152,13 @@ class Distiller:
         self._device_sync()
         self.timings.total += time.perf_counter() - started
         return log
+
+    def _set_learning_rates(self, step: int) -> None:
+        """The rates are a pure function of the step, so a resume needs no scheduler state."""
+        factor = schedule.lr_factor(self.config.lr_schedule, step, self.total_steps)
+        for optimizer, base in ((self.opt_student, self.config.lr), (self.opt_critic, self.config.critic_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
 
     def _step_effects(self, stream: str) -> list[str] | None:
         """The next effect-stream step's effects, one per group of the global batch."""
@@ -272,10 +283,12 @@ class Distiller:
             ts_t = schedule.ts_generator_timesteps(uniform("ts-t"), self.timesteps, config.ts_generator_last)
             inputs.append(add_noise(batch.target, schedule.noise_items(seed, step, "ts-noise", items, batch.target), ts_t / 1000.0))
             times.append(ts_t)
-        if use_fm:
-            fm_t = schedule.ta_fm_timesteps(uniform("fm-t"), config.ta_fm_timestep, bs_critic_t, shift)
-            fm_noise = schedule.noise_items(seed, step, "fm-noise", items, batch.target)
-            inputs.append(add_noise(batch.target, fm_noise, fm_t / 1000.0))
+        fm_noises = []
+        for repeat in range(config.ta_fm_repeats if use_fm else 0):
+            suffix = f"-{repeat}" if repeat else ""
+            fm_t = schedule.ta_fm_timesteps(uniform(f"fm-t{suffix}"), config.ta_fm_timestep, bs_critic_t, shift)
+            fm_noises.append(schedule.noise_items(seed, step, f"fm-noise{suffix}", items, batch.target))
+            inputs.append(add_noise(batch.target, fm_noises[-1], fm_t / 1000.0))
             times.append(fm_t)
 
         # One student forward with gradient for every generator term (BS, TS, TA-FM).
@@ -307,7 +320,9 @@ class Distiller:
             terms["dmd_ts"] = dmd_loss(x0_parts[1], fake_parts[1], real_parts[1])
             total = total + config.ts_weight * terms["dmd_ts"]
         if use_fm:
-            terms["ta_fm"] = flow_matching_loss(v_parts[-1], fm_noise, batch.target)
+            repeats = len(fm_noises)
+            fm_velocity = torch.cat(v_parts[-repeats:])
+            terms["ta_fm"] = flow_matching_loss(fm_velocity, torch.cat(fm_noises), batch.target.repeat(repeats, 1, 1))
             total = total + config.ta_fm_weight * terms["ta_fm"]
         ok = self._update(total, list(self.student.values()), self.opt_student)
         losses = {name: float(value.detach()) for name, value in terms.items()}
