@@ -109,18 +109,21 @@ def test_ta_fm_repeats_add_one_target_copy_per_repeat_to_the_generator_forward(r
     assert items[3] - items[1] == 2 * tiny_params.distill.batch_size
 
 
-def test_a_decaying_learning_rate_ties_the_run_to_its_length(rolled, tiny_params, tmp_path):
-    """Under a cosine schedule max_steps changes every step's rate: extending a run on resume is refused."""
+def test_a_decaying_learning_rate_applies_and_ties_the_run_to_its_length(rolled, tiny_params, tmp_path):
+    """The cosine rate reaches the optimizer (the second update is half as large as a constant run's, so
+    the students differ), and since max_steps changes every step's rate, extending such a run is refused."""
     root, rollouts = rolled
-    out = tmp_path / "student"
-    run_distill(_params(tiny_params, root, tmp_path, lr_schedule="cosine", max_steps=2, checkpoint_every=1), rollouts, out)
-    longer = _params(tiny_params, root, tmp_path, lr_schedule="cosine", max_steps=4, checkpoint_every=1)
+
+    def params(schedule: str, steps: int):
+        return _params(tiny_params, root, tmp_path, lr_schedule=schedule, max_steps=steps, generator_every=1, checkpoint_every=1)
+
+    cosine, constant = tmp_path / "cosine", tmp_path / "constant"
+    run_distill(params("cosine", 2), rollouts, cosine)
+    run_distill(params("constant", 2), rollouts, constant)
+    assert (cosine / LORA_WEIGHTS).read_bytes() != (constant / LORA_WEIGHTS).read_bytes()
     with pytest.raises(Exception, match=r"fingerprint\.distill\.max_steps"):
-        run_distill(longer, rollouts, out, resume=True)
-    constant = tmp_path / "constant"
-    run_distill(_params(tiny_params, root, tmp_path, lr_schedule="constant", max_steps=2, checkpoint_every=1), rollouts, constant)
-    extended = run_distill(_params(tiny_params, root, tmp_path, lr_schedule="constant", max_steps=4, checkpoint_every=1), rollouts, constant, resume=True)
-    assert extended["steps"] == 4
+        run_distill(params("cosine", 4), rollouts, cosine, resume=True)
+    assert run_distill(params("constant", 4), rollouts, constant, resume=True)["steps"] == 4
 
 
 def test_ablations_switch_terms_off(rolled, tiny_params, tmp_path):
