@@ -7,6 +7,7 @@
    backward-simulation passes for the generator and 7 again for every critic update, 3 generator
    forwards with gradient, critic + CFG teacher for BS and TS (dummy TS/TA-FM in the general stream).
 4. Rollout time when one effect is added to a bank whose rollouts exist, against a cold run.
+5. An anchor-phase step (TA-FM alone, `distill.anchor_steps`) against a full iteration.
 
 Needs the demo bank (`dvc pull data.dvc`). Usage:
     python benchmarks/bench_distill.py [--iterations 150] [--out artifacts/benchmarks/distill.json]
@@ -61,20 +62,31 @@ def rollout_cost(params, workdir: Path) -> dict:
     }
 
 
-def training_cost(params, rollouts: Path, workdir: Path, iterations: int) -> dict:
+def _run(params, rollouts: Path, out: Path, anchor_steps: int, max_steps: int) -> dict:
+    every = anchor_steps + max_steps
+    distill = {"anchor_steps": anchor_steps, "max_steps": max_steps, "checkpoint_every": every, "log_every": every}
     params = params.model_copy(
         update={
-            "distill": params.distill.model_copy(update={"max_steps": iterations, "checkpoint_every": iterations, "log_every": iterations}),
-            "tracking": params.tracking.model_copy(update={"uri": f"sqlite:///{workdir / 'mlflow.db'}"}),
+            "distill": params.distill.model_copy(update=distill),
+            "tracking": params.tracking.model_copy(update={"uri": f"sqlite:///{out.parent / 'mlflow.db'}"}),
         }
     )
-    summary = run_distill(params, rollouts, workdir / "student")
+    return run_distill(params, rollouts, out)
+
+
+def training_cost(params, rollouts: Path, workdir: Path, iterations: int) -> dict:
+    """Full iterations (no anchor phase), then an anchor phase of as many steps plus one iteration."""
+    summary = _run(params, rollouts, workdir / "student", 0, iterations)
+    anchored = _run(params, rollouts, workdir / "anchored", iterations, 1)
+    iteration = summary["time_total_s"] / summary["steps"]
+    anchor_step = (anchored["time_total_s"] - iteration) / iterations
     transformer = summary["time_forward_s"] + summary["time_backward_s"]
     ours = summary["transformer_forward_items"] / params.distill.batch_size / summary["generator_updates"]
     reference = reference_forwards_per_generator_update(len(params.sampling.student_timesteps), params.distill.generator_every)
     return {
         "iterations": summary["steps"],
-        "seconds_per_iteration": summary["time_total_s"] / summary["steps"],
+        "seconds_per_iteration": iteration,
+        "anchor_step_over_iteration": anchor_step / iteration,
         "iteration_over_transformer_time": summary["time_total_s"] / transformer,
         "teacher_switch_share_of_step": summary["time_teacher_switch_s"] / summary["time_total_s"],
         "teacher_loads": summary["teacher_loads"],

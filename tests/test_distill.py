@@ -109,6 +109,38 @@ def test_ta_fm_repeats_add_one_target_copy_per_repeat_to_the_generator_forward(r
     assert items[3] - items[1] == 2 * tiny_params.distill.batch_size
 
 
+def test_the_anchor_phase_trains_the_student_by_ta_fm_alone_then_the_critic_starts_from_it(rolled, tiny_params, tmp_path):
+    root, rollouts = rolled
+    # A negligible critic rate: after its one update the critic still equals the anchored student it was copied from.
+    params = _params(
+        tiny_params, root, tmp_path, max_steps=1, anchor_steps=3, generator_every=1, log_every=1,
+        checkpoint_every=1, keep_checkpoints=4, critic_lr=1e-12,
+    )
+    summary = run_distill(params, rollouts, tmp_path / "student")
+    anchored, last = (load_checkpoint(c).tensors for c in list_checkpoints(tmp_path / "student" / "checkpoints")[-2:])
+    students = {k.split("/", 1)[1].replace(".student.", "."): v for k, v in anchored.items() if k.startswith("student/")}
+    critics = {k.split("/", 1)[1].replace(".critic.", "."): v for k, v in last.items() if k.startswith("critic/")}
+    initial = {k.split("/", 1)[1].replace(".critic.", "."): v for k, v in anchored.items() if k.startswith("critic/")}
+    assert students.keys() == critics.keys()
+    assert all(torch.allclose(critics[k], students[k], atol=1e-8) for k in students)
+    assert not all(torch.equal(initial[k], students[k]) for k in students)  # the copy, not the critic's own initialisation
+    history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    losses = [sorted(k for k in h if k.startswith("loss_")) for h in history]
+    assert losses[:3] == [["loss_ta_fm"]] * 3
+    assert {"loss_dmd_bs", "loss_critic_fm"} <= set(losses[3])
+    assert (summary["steps"], summary["anchor_updates"], summary["generator_updates"], summary["critic_updates"]) == (4, 3, 1, 1)
+    assert summary["effect_steps"] + summary["general_steps"] == 1  # PDSR counts the distillation steps only
+    assert json.loads((tmp_path / "student" / COLLECTION).read_text())["training"]["anchor_updates"] == 3
+
+
+def test_the_anchor_phase_needs_ta_fm(rolled, tiny_params, tmp_path):
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path, anchor_steps=2, ta_fm=False)
+    with pytest.raises(ConfigError, match=r"distill.anchor_steps: .* needs distill.ta_fm: true"):
+        run_distill(params, rollouts, tmp_path / "student")
+    assert not (tmp_path / "student" / LORA_WEIGHTS).exists()
+
+
 def test_a_decaying_learning_rate_applies_and_ties_the_run_to_its_length(rolled, tiny_params, tmp_path):
     """The cosine rate reaches the optimizer (the second update is half as large as a constant run's, so
     the students differ), and since max_steps changes every step's rate, extending such a run is refused."""

@@ -50,10 +50,11 @@ def _env() -> dict[str, str]:
 
 def test_resume_after_kill_9_is_bit_identical(setup, tmp_path):
     params, rollouts = setup
-    # A decaying learning rate and repeated TA-FM draws: both are functions of the step, no extra state.
+    # A decaying learning rate, repeated TA-FM draws and an anchor phase the kill may fall in or after:
+    # all are functions of the step, no extra state.
     sets = (
-        "distill.max_steps=40", "distill.checkpoint_every=2", "distill.keep_checkpoints=2",
-        "distill.lr_schedule=cosine", "distill.ta_fm_repeats=2",
+        "distill.max_steps=31", "distill.checkpoint_every=2", "distill.keep_checkpoints=2",
+        "distill.lr_schedule=cosine", "distill.ta_fm_repeats=2", "distill.anchor_steps=9",
     )
     subprocess.run(_distill_command(params, rollouts, tmp_path / "straight", *sets), check=True, env=_env(), capture_output=True)
 

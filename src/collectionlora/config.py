@@ -182,7 +182,10 @@ class DistillConfig(Section):
     rank: int = Field(ge=1)  # student and critic LoRAs
     alpha: float = Field(gt=0)
     targets: list[str] = Field(min_length=1)
-    max_steps: int = Field(ge=1)  # iterations; the critic updates every iteration
+    max_steps: int = Field(ge=1)  # distillation iterations; the critic updates every iteration
+    # TA-FM-only student updates (no DMD, no critic) before the max_steps iterations: a cheap cold
+    # start; 0 = the paper (every term from the first step)
+    anchor_steps: int = Field(ge=0)
     generator_every: int = Field(ge=1)  # generator update when step % generator_every == 0
     batch_size: int = Field(ge=1)  # per process
     # effects in one effect-stream step, each on its share of the global batch (batch_size x processes,

@@ -42,7 +42,7 @@ ABLATIONS: dict[str, dict] = {
     "no_pdsr": {"distill": {"pdsr": False}},
     "no_aop": {"prompting": {"aop": False}},
     "no_ts": {"distill": {"ts": False}},
-    "no_ta_fm": {"distill": {"ta_fm": False}},
+    "no_ta_fm": {"distill": {"ta_fm": False, "anchor_steps": 0}},
 }
 TEACHER_AND_STUDENT = {"evaluate": {"methods": ["teacher", "student"], "student_steps": [8], "gate": {"beat_bcr_of": []}}}
 SCALING_METHODS = {

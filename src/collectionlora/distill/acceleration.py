@@ -36,6 +36,7 @@ def train_acceleration(
             "p_switch": 0.0,
             "ts": False,
             "ta_fm": False,
+            "anchor_steps": 0,
             "lr_schedule": "constant",
             "effects_per_batch": 1,
             "max_steps": params.acceleration.max_steps,

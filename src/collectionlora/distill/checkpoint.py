@@ -37,6 +37,7 @@ class TrainState:
     effect_batches: int = 0  # data position: effect-stream steps taken so far
     general_batches: int = 0
     generator_updates: int = 0
+    anchor_updates: int = 0  # TA-FM-only updates of the anchor phase
     critic_updates: int = 0
     stream_counts: dict[str, int] = field(default_factory=lambda: {"effect": 0, "general": 0})
     nonfinite_skipped: int = 0

@@ -96,6 +96,8 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     if missing:
         raise CollectionLoraError(f"{params.bank.manifest}: effects: the bank lacks {missing} of the collection {warm_start}")
 
+    if warm_start is not None:  # the old student is anchored already; the new effects get the full objective
+        config = config.model_copy(update={"anchor_steps": 0})
     targets = load_rollouts(rollouts, bank, effect_ids)
     plan = _prompt_plan(backbone, bank, params, out, old_record, new_effects, world, reuse=bool(checkpoints))
     for effect in bank.effects:
@@ -114,7 +116,9 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     schedule = EffectSchedule(new_effects if warm_start else effect_ids, old_effects, replay, config.seed)
     timesteps = student_timesteps(params.sampling)
     max_steps = (
-        params.incremental.generator_steps_per_effect * len(new_effects) * config.generator_every if warm_start else config.max_steps
+        params.incremental.generator_steps_per_effect * len(new_effects) * config.generator_every
+        if warm_start
+        else config.anchor_steps + config.max_steps
     )
     distiller = Distiller(backbone, adapters, config, params.sampling, timesteps, data, schedule, world, max_steps)
     fingerprint = _fingerprint(params, plan, rollouts, effect_ids, world, warm_start, max_steps)
@@ -236,6 +240,7 @@ def _train(distiller: Distiller, max_steps: int, config: DistillConfig, out: Pat
 def _counters(distiller: Distiller) -> dict:
     state = distiller.state
     return {
+        "anchor_updates": state.anchor_updates,
         "generator_updates": state.generator_updates,
         "critic_updates": state.critic_updates,
         "effect_steps": state.stream_counts["effect"],
@@ -282,7 +287,7 @@ def _export(
         "files": files,
         "rollout_index_sha256": {e.id: _digest((rollouts / e.id / "index.jsonl").read_bytes()) for e in bank.effects},
         "warm_start": str(warm_start) if warm_start else None,
-        "training": {k: summary[k] for k in ("steps", "generator_updates", "critic_updates", "effect_steps", "general_steps")},
+        "training": {k: summary[k] for k in ("steps", "anchor_updates", "generator_updates", "critic_updates", "effect_steps", "general_steps")},
     }
     export.write_collection(out, record)
     export.write_model_card(out, record)

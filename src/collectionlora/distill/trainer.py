@@ -4,6 +4,7 @@ Launch on one process with `collectionlora distill`, or on K with
 `torchrun --nproc_per_node=K $(which collectionlora) distill ...` (gloo on CPU, nccl on CUDA).
 
 Per step s (METHOD.md 2.2, paper semantics by default):
+  s < anchor_steps:              L_G = TA-FM on an effect batch              -> student AdamW step only
   stream  = PDSR draw (effect with probability p_switch, else general)
   if s % generator_every == 0:   L_G = BS-DMD + [effect] (TS-DMD + TA-FM)  -> student AdamW step
   always:                        L_F = flow matching on a student sample    -> critic AdamW step
@@ -104,6 +105,8 @@ class Distiller:
         self.critic = _named(backbone.transformer, CRITIC)
         if not self.student or not self.critic:
             raise ValueError("add the student and critic adapters before building the Distiller")
+        if config.anchor_steps and not config.ta_fm:
+            raise ConfigError("distill.anchor_steps: the anchor phase trains TA-FM alone; it needs distill.ta_fm: true")
         if config.effects_per_batch > config.batch_size * world.size:
             raise ConfigError(
                 f"distill.effects_per_batch: {config.effects_per_batch} effects do not fit a global batch of "
@@ -123,6 +126,12 @@ class Distiller:
     def step(self) -> StepLog:
         started = time.perf_counter()
         step, state = self.state.step, self.state
+        if step < self.config.anchor_steps:
+            log = self._anchor_step(step)
+            self.timings.total += time.perf_counter() - started
+            return log
+        if step == self.config.anchor_steps > 0:
+            self._critic_from_student()
         generator_step = step % self.config.generator_every == 0
         reuse = self.config.critic_reuses_generator_sample and not generator_step and self._cached_sample is not None
         if reuse:
@@ -152,6 +161,33 @@ class Distiller:
         self._device_sync()
         self.timings.total += time.perf_counter() - started
         return log
+
+    def _anchor_step(self, step: int) -> StepLog:
+        """The anchor phase: the student flow-matches the teacher targets of an effect batch (TA-FM alone:
+        no simulation, no teacher, no critic): a fraction of an iteration's cost (bench_distill.py)."""
+        effects = self._step_effects(EFFECT)
+        batch = self._batch(EFFECT, effects, step)
+        self._count_batch(EFFECT)
+        self._set_learning_rates(step)
+        bs_critic_t = schedule.critic_timesteps(schedule.uniform_items(self.config.seed, step, "bs-critic-t", batch.items), 0, schedule.GRID, self.sampling.shift)
+        inputs, times, noises = self._ta_fm_draws(batch, step, bs_critic_t)
+        copies = len(inputs)
+        velocity = self._velocity(STUDENT, torch.cat(inputs), torch.cat(times), batch.condition.repeat(copies, 1, 1), _repeat(batch.student_text, copies))
+        loss = flow_matching_loss(velocity, torch.cat(noises), batch.target.repeat(copies, 1, 1))
+        ok = self._update(loss, list(self.student.values()), self.opt_student)
+        self.state.anchor_updates += ok
+        log = StepLog(stream=EFFECT, losses={"ta_fm": float(loss.detach())}, skipped=not ok)
+        self._advance(None, log.skipped)
+        self._device_sync()
+        return log
+
+    @torch.no_grad()
+    def _critic_from_student(self) -> None:
+        """After the anchor phase the critic starts as a copy of the student: the fake score of the
+        anchored student's distribution, as DMD2 starts its fake score from the distribution it models,
+        instead of the base's, which the student has left."""
+        for name, param in self.critic.items():
+            param.copy_(self.student[name.replace(f".{CRITIC}.", f".{STUDENT}.")])
 
     def _set_learning_rates(self, step: int) -> None:
         """The rates are a pure function of the step, so a resume needs no scheduler state."""
@@ -187,10 +223,12 @@ class Distiller:
         size = self.config.batch_size
         return list(range(self.world.rank * size, (self.world.rank + 1) * size))
 
-    def _advance(self, stream: str, skipped: bool) -> None:
+    def _advance(self, stream: str | None, skipped: bool) -> None:
+        """`stream` None: an anchor step, which no PDSR stream count includes."""
         state = self.state
         state.step += 1
-        state.stream_counts[stream] += 1
+        if stream is not None:
+            state.stream_counts[stream] += 1
         if skipped:
             state.nonfinite_skipped += 1
             state.nonfinite_in_a_row += 1
@@ -266,6 +304,19 @@ class Distiller:
         return torch.full((count,), float(self.timesteps[index]), dtype=torch.float64)
 
     # ---- generator ------------------------------------------------------------------------------
+    def _ta_fm_draws(self, batch: StepBatch, step: int, bs_critic_t: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """TA-FM's noisy targets, times and noises: ta_fm_repeats (time, noise) draws per target row."""
+        config, seed, items = self.config, self.config.seed, batch.items
+        inputs, times, noises = [], [], []
+        for repeat in range(config.ta_fm_repeats):
+            suffix = f"-{repeat}" if repeat else ""
+            u = schedule.uniform_items(seed, step, f"fm-t{suffix}", items)
+            fm_t = schedule.ta_fm_timesteps(u, config.ta_fm_timestep, bs_critic_t, self.sampling.shift)
+            noises.append(schedule.noise_items(seed, step, f"fm-noise{suffix}", items, batch.target))
+            inputs.append(add_noise(batch.target, noises[-1], fm_t / 1000.0))
+            times.append(fm_t)
+        return inputs, times, noises
+
     def _generator_update(self, batch: StepBatch, step: int) -> tuple[dict[str, float], torch.Tensor, bool]:
         config, seed, items = self.config, self.config.seed, batch.items
         shift = self.sampling.shift
@@ -284,12 +335,10 @@ class Distiller:
             inputs.append(add_noise(batch.target, schedule.noise_items(seed, step, "ts-noise", items, batch.target), ts_t / 1000.0))
             times.append(ts_t)
         fm_noises = []
-        for repeat in range(config.ta_fm_repeats if use_fm else 0):
-            suffix = f"-{repeat}" if repeat else ""
-            fm_t = schedule.ta_fm_timesteps(uniform(f"fm-t{suffix}"), config.ta_fm_timestep, bs_critic_t, shift)
-            fm_noises.append(schedule.noise_items(seed, step, f"fm-noise{suffix}", items, batch.target))
-            inputs.append(add_noise(batch.target, fm_noises[-1], fm_t / 1000.0))
-            times.append(fm_t)
+        if use_fm:
+            fm_inputs, fm_times, fm_noises = self._ta_fm_draws(batch, step, bs_critic_t)
+            inputs += fm_inputs
+            times += fm_times
 
         # One student forward with gradient for every generator term (BS, TS, TA-FM).
         copies = len(inputs)
