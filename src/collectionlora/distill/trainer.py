@@ -183,9 +183,8 @@ class Distiller:
 
     @torch.no_grad()
     def _critic_from_student(self) -> None:
-        """After the anchor phase the critic starts as a copy of the student: the fake score of the
-        anchored student's distribution, as DMD2 starts its fake score from the distribution it models,
-        instead of the base's, which the student has left."""
+        """After the anchor phase the critic starts as a copy of the student, not of the base the student
+        has left: as in DMD2, where generator and fake score start from the same weights."""
         for name, param in self.critic.items():
             param.copy_(self.student[name.replace(f".{CRITIC}.", f".{STUDENT}.")])
 
