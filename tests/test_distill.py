@@ -283,7 +283,7 @@ def test_edit_command_applies_one_effect_or_a_composition(trained, rolled, tmp_p
 def test_incremental_add_keeps_old_triggers_and_reports_old_effects(trained, rolled, tiny_params, tmp_path):
     out, _ = trained
     root, rollouts = rolled
-    params = _params(tiny_params, root, tmp_path, manifest="bank-3.yaml")
+    params = _params(tiny_params, root, tmp_path, manifest="bank-3.yaml", anchor_steps=4)  # a warm start never anchors
     summary = run_distill(params, rollouts, tmp_path / "grown", warm_start=out)
     old = json.loads((out / COLLECTION).read_text())["prompts"]["effects"]
     grown = json.loads((tmp_path / "grown" / COLLECTION).read_text())["prompts"]["effects"]
@@ -293,6 +293,7 @@ def test_incremental_add_keeps_old_triggers_and_reports_old_effects(trained, rol
     assert set(report["before"]) == set(report["after"]) == set(report["old_effects"])
     assert all(0 <= row["judge_rate"] <= 1 for row in report["after"].values())
     assert summary["steps"] == 2 * 1 * 5  # generator_steps_per_effect x added effects x generator_every
+    assert summary["anchor_updates"] == 0
     assert (tmp_path / "grown" / LORA_WEIGHTS).read_bytes() != (out / LORA_WEIGHTS).read_bytes()
 
     with pytest.raises(Exception, match="nothing to add"):
