@@ -58,6 +58,7 @@ TINY_OVERRIDES = {
     "distill": {
         "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "effects_per_batch": 2, "checkpoint_every": 5, "log_every": 2,
         "generator_every": 5, "lr": 0.001, "ts_weight": 1.0,  # the paper's two time scales and weights
+        "anchor_steps": 0,  # the paper's cold start; the anchor-phase tests set their own
     },
     "acceleration": {"max_steps": 2},
     "incremental": {"generator_steps_per_effect": 2},

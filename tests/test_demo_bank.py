@@ -7,7 +7,8 @@ import json
 import yaml
 
 from collectionlora.bank import tree_hashes
-from collectionlora.demo_bank import build_demo_bank
+from collectionlora.demo_bank import ACCELERATION, KEY_FILE, build_demo_bank
+from collectionlora.distill.acceleration import acceleration_config
 from collectionlora.stages import run_validate
 
 
@@ -30,3 +31,13 @@ def test_build_is_deterministic_resumable_and_validates(tiny_params, tmp_path):
     # A second build from the same params is byte-identical.
     build_demo_bank(tiny_params, tmp_path / "two" / "data")
     assert tree_hashes(root) == tree_hashes(tmp_path / "two" / "data")
+
+    # The student's budget is not an input of the acceleration LoRA: a rebuild keeps it; its lr is.
+    marker = tmp_path / "one" / "data.build" / ACCELERATION / KEY_FILE
+    trained = marker.stat().st_mtime_ns
+    budget = {"max_steps": tiny_params.distill.max_steps + 1, "anchor_steps": 3}
+    build_demo_bank(tiny_params.model_copy(update={"distill": tiny_params.distill.model_copy(update=budget)}), root)
+    assert marker.stat().st_mtime_ns == trained
+    assert acceleration_config(tiny_params) != acceleration_config(
+        tiny_params.model_copy(update={"distill": tiny_params.distill.model_copy(update={"lr": 2 * tiny_params.distill.lr})})
+    )

@@ -28,7 +28,7 @@ from collectionlora.adapters import NONE as NONE_ADAPTER
 from collectionlora.adapters import AdapterSet
 from collectionlora.base_pretrain import general_instructions, pretrain_base
 from collectionlora.config import Params
-from collectionlora.distill.acceleration import train_acceleration
+from collectionlora.distill.acceleration import acceleration_config, train_acceleration
 from collectionlora.effects import Effect, catalog, make_sources
 from collectionlora.effects.base import stable_seed
 from collectionlora.errors import BankError
@@ -48,8 +48,8 @@ from collectionlora.teachers import LORA_WEIGHTS, save_teacher, train_teacher
 
 BASE_POOL = 512  # general-split sources the base is pretrained on
 HOLDOUT_REPORT = "holdout_report.json"  # the judge's accuracy on held-out ground truth
-KEY_FILE = "build_key.txt"
-ACCELERATION = "acceleration"  # folder of the base's acceleration LoRA  # fingerprint of what a cached build step was computed from
+KEY_FILE = "build_key.txt"  # fingerprint of what a cached build step was computed from
+ACCELERATION = "acceleration"  # folder of the base's acceleration LoRA
 
 
 @dataclass
@@ -227,11 +227,11 @@ def _write_sources(params: Params, staging: Path) -> None:
 
 def _acceleration(params: Params, staging: Path) -> None:
     """The base's few-step LoRA (the cascade baseline's "Lightning"), distilled on the general stream;
-    retrained when the base, the general data or the distill/acceleration params change."""
+    retrained when the base, the general data or the settings it trains with change."""
     folder = staging / ACCELERATION
     base_key = (staging / "base" / KEY_FILE).read_text(encoding="utf-8")
     key = fingerprint(
-        base_key, params.acceleration.model_dump(), params.distill.model_dump(), params.sampling.model_dump(),
+        base_key, acceleration_config(params).model_dump(), params.sampling.model_dump(),
         params.demo_bank.general_sources, general_instructions(),
     )
     if _cached(folder, key):

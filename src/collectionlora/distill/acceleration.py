@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from collectionlora.adapters import AdapterSet
-from collectionlora.config import Params
+from collectionlora.config import DistillConfig, Params
 from collectionlora.distill.data import DistillData, EffectSchedule
 from collectionlora.distill.export import LORA_WEIGHTS, export_student
 from collectionlora.distill.parallel import World
@@ -26,11 +26,11 @@ from collectionlora.models.backbone import Backbone
 from collectionlora.sampling import student_timesteps
 
 
-def train_acceleration(
-    params: Params, backbone: Backbone, general_sources: torch.Tensor, instructions: Sequence[str], out: Path
-) -> Path:
-    """Distil the base's own few-step ability into a LoRA; writes out/pytorch_lora_weights.safetensors."""
-    config = params.distill.model_copy(
+def acceleration_config(params: Params) -> DistillConfig:
+    """The distill settings the acceleration LoRA trains with: the student's, restricted to the general
+    stream. The demo bank keys its cache on this, so a change to a value overridden here (the student's
+    budget, its streams) does not retrain it."""
+    return params.distill.model_copy(
         update={
             "pdsr": True,
             "p_switch": 0.0,
@@ -43,6 +43,13 @@ def train_acceleration(
             "seed": params.acceleration.seed,
         }
     )
+
+
+def train_acceleration(
+    params: Params, backbone: Backbone, general_sources: torch.Tensor, instructions: Sequence[str], out: Path
+) -> Path:
+    """Distil the base's own few-step ability into a LoRA; writes out/pytorch_lora_weights.safetensors."""
+    config = acceleration_config(params)
     adapters = AdapterSet(backbone.transformer)
     adapters.add_trainable(STUDENT, config.rank, config.alpha, config.targets, config.seed)
     adapters.add_trainable(CRITIC, config.rank, config.alpha, config.targets, config.seed + 1)
