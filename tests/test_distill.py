@@ -294,6 +294,9 @@ def test_incremental_add_keeps_old_triggers_and_reports_old_effects(trained, rol
     assert all(0 <= row["judge_rate"] <= 1 for row in report["after"].values())
     assert summary["steps"] == 2 * 1 * 5  # generator_steps_per_effect x added effects x generator_every
     assert summary["anchor_updates"] == 0
+    # ... and its checkpoints record the value it ran with, so a resume compares what was trained
+    fingerprint = load_checkpoint(list_checkpoints(tmp_path / "grown" / "checkpoints")[-1]).fingerprint
+    assert fingerprint["distill.anchor_steps"] == "0"
     assert (tmp_path / "grown" / LORA_WEIGHTS).read_bytes() != (out / LORA_WEIGHTS).read_bytes()
 
     with pytest.raises(Exception, match="nothing to add"):

@@ -78,6 +78,8 @@ def distill_collection(
 
 def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start: Path | None, world: World, device: str) -> dict:
     started = time.perf_counter()
+    if warm_start is not None:  # the old student is anchored already; the new effects get the full objective
+        params = params.model_copy(update={"distill": params.distill.model_copy(update={"anchor_steps": 0})})
     config = params.distill
     bank = open_bank(params.bank)
     checkpoints = list_checkpoints(out / CHECKPOINTS)
@@ -96,8 +98,6 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     if missing:
         raise CollectionLoraError(f"{params.bank.manifest}: effects: the bank lacks {missing} of the collection {warm_start}")
 
-    if warm_start is not None:  # the old student is anchored already; the new effects get the full objective
-        config = config.model_copy(update={"anchor_steps": 0})
     targets = load_rollouts(rollouts, bank, effect_ids)
     plan = _prompt_plan(backbone, bank, params, out, old_record, new_effects, world, reuse=bool(checkpoints))
     for effect in bank.effects:
