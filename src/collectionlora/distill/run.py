@@ -151,7 +151,7 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
         logger.close(status)
     if not world.is_main:
         return summary
-    record = _export(adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start)
+    record = _export(adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start, logger.run_id)
     summary["seconds"] = time.perf_counter() - started
     if warm_start is not None:
         after = _old_effect_fidelity(backbone, adapters, bank, plan, old_effects, timesteps, params)
@@ -269,7 +269,16 @@ def _truncate_history(path: Path, step: int, world: World) -> None:
 
 
 def _export(
-    adapters: AdapterSet, plan: PromptPlan, bank: Bank, params: Params, out: Path, timesteps: list[float], summary: dict, rollouts: Path, warm_start: Path | None
+    adapters: AdapterSet,
+    plan: PromptPlan,
+    bank: Bank,
+    params: Params,
+    out: Path,
+    timesteps: list[float],
+    summary: dict,
+    rollouts: Path,
+    warm_start: Path | None,
+    tracking_run_id: str | None,
 ) -> dict:
     files = export.export_student(
         adapters.lora_state_dict(STUDENT), params.distill.alpha, out, params.distill.save_dtype, params.distill.kohya_export
@@ -288,6 +297,7 @@ def _export(
         "rollout_index_sha256": {e.id: _digest((rollouts / e.id / "index.jsonl").read_bytes()) for e in bank.effects},
         "warm_start": str(warm_start) if warm_start else None,
         "training": {k: summary[k] for k in ("steps", "anchor_updates", "generator_updates", "critic_updates", "effect_steps", "general_steps")},
+        "tracking_run_id": tracking_run_id,  # the MLflow run of the distillation: the registry links to it
     }
     export.write_collection(out, record)
     export.write_model_card(out, record)
