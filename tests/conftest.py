@@ -119,3 +119,40 @@ def params_for_bank(params: Params, root: Path, manifest: str = "bank.yaml", **s
 
     raw = merge(params.model_dump(mode="json"), {"bank": {"root": str(root), "manifest": str(root / manifest)}, **sections})
     return Params.model_validate(raw)
+
+
+# ---- S3 on a loopback moto server -----------------------------------------------------------------
+# Dummy credentials with distinctive values, so a test can grep everything written for them.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "collectionlora-test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "collectionlora-test-secret-0123456789",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (a free port) for the session; yields its endpoint URL.
+    Credentials are the dummy S3_CREDENTIALS; tests pass them to the processes they start."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def s3_bucket(endpoint: str, name: str):
+    """Create the bucket `name` on the moto server (buckets are not created on demand); returns a boto3 client."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+    )
+    client.create_bucket(Bucket=name)
+    return client

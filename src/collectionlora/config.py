@@ -350,6 +350,13 @@ class TrackingConfig(Section):
     experiment: str = Field(min_length=1)
 
 
+class RegistryConfig(Section):
+    """The MLflow model registry: which registered model a collection becomes a version of."""
+
+    # MLflow refuses '/' and ':' and '..'-like paths; models:/<name>@alias URIs also break on '@' and spaces.
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
 class Params(Section):
     base: BaseConfig
     sampling: SamplingConfig
@@ -367,6 +374,7 @@ class Params(Section):
     evaluate: EvaluateConfig
     eval_plugins: EvalPluginsConfig
     tracking: TrackingConfig
+    registry: RegistryConfig
 
 
 def load_params(path: Path | str = "params.yaml", overrides: dict | None = None) -> Params:
