@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -156,3 +157,98 @@ def s3_bucket(endpoint: str, name: str):
     )
     client.create_bucket(Bucket=name)
     return client
+
+
+# ---- one tiny workflow for the session: validate -> rollout -> distill -> baselines -> evaluate -------
+TINY_WORKFLOW_MANIFEST = "bank-3.yaml"  # 2 deterministic effects and 1 stochastic one
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tiny_bank: Path, tiny_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A private copy of the tiny bank run through every stage up to evaluate (read-only for tests):
+    {"params", "root", "work", "manifest", "rollouts", "student", "baselines", "baselines_report", "eval", "metrics"}."""
+    from collectionlora.stages import run_baselines, run_distill, run_evaluate, run_rollout, run_validate
+
+    work = tmp_path_factory.mktemp("workflow")
+    root = work / "data"
+    shutil.copytree(tiny_bank, root)
+    params = params_for_bank(tiny_params, root, TINY_WORKFLOW_MANIFEST, tracking={"uri": f"sqlite:///{work / 'mlflow.db'}"})
+    run_validate(params.bank, work / "bank", None)
+    run_rollout(params, work / "rollouts", None)
+    run_distill(params, work / "rollouts", work / "student")
+    report = run_baselines(params, work / "rollouts", work / "student" / "prompts.json", work / "baselines")
+    metrics = run_evaluate(params, work / "student", work / "baselines", work / "eval")
+    return {
+        "params": params, "root": root, "work": work, "manifest": work / "bank" / "manifest.json", "rollouts": work / "rollouts",
+        "student": work / "student", "baselines": work / "baselines", "baselines_report": report, "eval": work / "eval", "metrics": metrics,
+    }
+
+
+# ---- the tiny workflow's students in an MLflow registry ---------------------------------------------
+TINY_MODEL_NAME = "tiny-collection"
+# Gates that pass or fail whatever the tiny student scores, so each registry branch is reached for real.
+LENIENT_GATE = {"beat_bcr_of": [], "bcr_margin": 1.0, "accuracy_tolerance": 1.0, "effect_floor": 0.0}
+IMPOSSIBLE_GATE = {"beat_bcr_of": ["student_8nfe"]}  # BCR below its own: never
+
+
+@pytest.fixture(scope="session")
+def registered_store(tiny_workflow: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two students registered in the workflow's sqlite store (beside their distillation runs): version 1
+    (the workflow's student, gate passed -> champion) and version 2 (a second seed, gate failed ->
+    challenger only). Read-only: tests that change the store use `tiny_registry`, a copy."""
+    from collectionlora.config import merge
+    from collectionlora.stages import run_distill, run_evaluate, run_register
+
+    work = tmp_path_factory.mktemp("registry")
+    base = tiny_workflow["params"].model_dump(mode="json")
+
+    def params_with(gate: dict, **sections) -> Params:
+        raw = merge(base, {"registry": {"model_name": TINY_MODEL_NAME}, **sections})
+        raw["evaluate"]["gate"] = merge(raw["evaluate"]["gate"], gate)
+        return Params.model_validate(raw)
+
+    first = params_with(LENIENT_GATE)
+    run_evaluate(first, tiny_workflow["student"], tiny_workflow["baselines"], work / "eval-1")
+    registrations = [run_register(first, tiny_workflow["student"], work / "eval-1", tiny_workflow["manifest"], work / "reg-1")]
+    second = params_with(IMPOSSIBLE_GATE, distill={"seed": 1})
+    run_distill(second, tiny_workflow["rollouts"], work / "student-2")
+    run_evaluate(second, work / "student-2", tiny_workflow["baselines"], work / "eval-2")
+    registrations.append(run_register(second, work / "student-2", work / "eval-2", tiny_workflow["manifest"], work / "reg-2"))
+    return {
+        "work": work, "database": tiny_workflow["work"] / "mlflow.db", "params": first, "registrations": registrations,
+        "students": [tiny_workflow["student"], work / "student-2"], "evaluations": [work / "eval-1", work / "eval-2"],
+    }
+
+
+@pytest.fixture
+def tiny_registry(registered_store: dict, tiny_workflow: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A private copy of `registered_store`'s database (artifacts stay shared, read-only), with what a
+    test needs to drive it: {"params", "tracking_uri", "artifacts", "model_name", "versions", "champion",
+    "image", "predict_input", "students"}."""
+    import base64
+
+    import pandas as pd
+
+    from collectionlora.config import merge
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copy(registered_store["database"], tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = Params.model_validate(merge(registered_store["params"].model_dump(mode="json"), {"tracking": {"uri": uri}}))
+    image = sorted((tiny_workflow["root"] / "eval").rglob("*.png"))[0]
+    effect = json.loads((tiny_workflow["student"] / "collection.json").read_text())["prompts"]["effects"][0]["effect"]
+    row = {"image": base64.b64encode(image.read_bytes()).decode(), "effect": effect, "steps": 8, "seed": 0}
+    return {
+        "params": params,
+        "tracking_uri": uri,
+        "artifacts": registered_store["database"].parent / "artifacts",
+        "model_name": TINY_MODEL_NAME,
+        "versions": [r["version"] for r in registered_store["registrations"]],
+        "champion": registered_store["registrations"][-1]["champion"],
+        "image": image,
+        "predict_input": pd.DataFrame([row]),
+        "students": registered_store["students"],
+        "evaluations": registered_store["evaluations"],
+        "manifest": tiny_workflow["manifest"],
+        "effect": effect,
+    }

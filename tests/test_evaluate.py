@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import params_for_bank
+from conftest import TINY_WORKFLOW_MANIFEST, params_for_bank
 from fake_chat import FakeChatEndpoint, serving
 from PIL import Image
 from tiny_vision import tiny_clip, tiny_dinov2
@@ -32,33 +32,22 @@ from collectionlora.evaluate.report import (
 )
 from collectionlora.lorafile import read_lora
 from collectionlora.stages import (
-    run_baselines,
-    run_distill,
     run_evaluate,
-    run_rollout,
     run_validate,
 )
 
-MANIFEST = "bank-3.yaml"  # 2 deterministic effects and 1 stochastic one
+MANIFEST = TINY_WORKFLOW_MANIFEST
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_bank: Path, tiny_params, tmp_path_factory) -> dict:
-    """A private copy of the tiny bank with rollouts, a tiny student and its baselines."""
-    work = tmp_path_factory.mktemp("evaluate")
-    root = work / "data"
-    shutil.copytree(tiny_bank, root)
-    params = params_for_bank(tiny_params, root, MANIFEST, tracking={"uri": f"sqlite:///{work / 'mlflow.db'}"})
-    run_rollout(params, work / "rollouts", None)
-    run_distill(params, work / "rollouts", work / "student")
-    report = run_baselines(params, work / "rollouts", work / "student" / "prompts.json", work / "baselines")
-    return {"params": params, "root": root, "work": work, "baselines_report": report}
+def setup(tiny_workflow: dict) -> dict:
+    """The session's tiny workflow: a private bank copy with rollouts, a tiny student and its baselines."""
+    return tiny_workflow
 
 
 @pytest.fixture(scope="module")
-def evaluated(setup) -> tuple[dict, Path]:
-    out = setup["work"] / "eval"
-    return run_evaluate(setup["params"], setup["work"] / "student", setup["work"] / "baselines", out), out
+def evaluated(tiny_workflow: dict) -> tuple[dict, Path]:
+    return tiny_workflow["metrics"], tiny_workflow["eval"]
 
 
 def test_the_demo_bank_ships_an_acceleration_lora_that_validate_checks(setup):

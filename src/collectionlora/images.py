@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def quantize(image: torch.Tensor) -> torch.Tensor:
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(image).save(path, format="PNG")
+    path.write_bytes(encode_png(image))
 
 
 def load_png(path: Path, size: int | None = None) -> torch.Tensor:
@@ -52,18 +53,34 @@ def load_png(path: Path, size: int | None = None) -> torch.Tensor:
 
 
 def load_image_fitted(path: Path, size: int) -> torch.Tensor:
-    """Any RGB-convertible image, centre-cropped to a square and resized to size x size (user inputs)."""
+    """Any RGB-convertible image file, centre-cropped to a square and resized to size x size (user inputs)."""
     try:
-        with Image.open(path) as handle:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise BankError(f"{path}: unreadable image ({error.strerror})") from error
+    return decode_image_fitted(data, size, str(path))
+
+
+def decode_image_fitted(data: bytes, size: int, name: str) -> torch.Tensor:
+    """Encoded image bytes (PNG, JPEG, ...) as `load_image_fitted` would load them; `name` goes in errors."""
+    try:
+        with Image.open(io.BytesIO(data)) as handle:
             image = handle.convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
-        raise BankError(f"{path}: unreadable image ({error})") from error
+        raise BankError(f"{name}: unreadable image ({error})") from error
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return from_pil(image)
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """A [3, H, W] tensor as PNG bytes, exactly what `save_png` writes."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def grid(rows: list[list[torch.Tensor]], pad: int = 2, scale: int = 1) -> torch.Tensor:

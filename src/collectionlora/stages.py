@@ -28,7 +28,10 @@ from collectionlora.sampling import sample_teacher
 from collectionlora.teachers import save_teacher, train_teacher
 from collectionlora.validate import run_validate
 
-__all__ = ["run_acceleration_train", "run_baselines", "run_evaluate", "run_judge_train", "run_preview", "run_rollout", "run_teacher_train", "run_validate"]
+__all__ = [
+    "run_acceleration_train", "run_baselines", "run_distill", "run_evaluate", "run_judge_train", "run_preview", "run_register", "run_rollout",
+    "run_teacher_train", "run_validate",
+]
 
 
 def run_preview(params: Params, out: Path) -> Path:
@@ -136,3 +139,13 @@ def run_evaluate(params: Params, collection: Path, baselines: Path | None, out: 
     from collectionlora.evaluate.run import evaluate_collection
 
     return evaluate_collection(params, Path(collection), baselines, Path(out), params_file)
+
+
+def run_register(
+    params: Params, collection: Path, evaluation: Path, manifest: Path, out: Path | None, require_pass: bool = False, repo: Path = Path(".")
+) -> dict:
+    """The evaluated collection as a new MLflow model version (alias `challenger`; `champion` by the
+    gate-and-beat rule); returns registration.json's content. See registry/register.py."""
+    from collectionlora.registry.register import register_collection
+
+    return register_collection(params, Path(collection), Path(evaluation), Path(manifest), out, require_pass, Path(repo)).to_json()

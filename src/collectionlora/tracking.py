@@ -11,12 +11,55 @@ import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from collectionlora.config import TrackingConfig
+from collectionlora.errors import CollectionLoraError
 
 
 def tracking_uri(config: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password@ (never print or log a credential)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server must answer /health now: MLflow's own client retries for minutes before failing."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as error:
+        raise CollectionLoraError(f"MLFLOW_TRACKING_URI / tracking.uri: {redact(uri)} is unreachable ({type(error).__name__})") from None
+    if response.status_code != 200:
+        raise CollectionLoraError(f"MLFLOW_TRACKING_URI / tracking.uri: {redact(uri)}/health answered HTTP {response.status_code}")
+
+
+def open_experiment(config: TrackingConfig):
+    """Point MLflow at the store (checked reachable) and return (client, experiment id). A local
+    `sqlite:///` store keeps the experiment's artifacts in a folder beside the database."""
+    import mlflow
+
+    uri = tracking_uri(config)
+    check_reachable(uri)
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        artifacts = (database.parent / "artifacts").resolve().as_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(config.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment, artifact_location=artifacts)
+    return client, experiment_id
 
 
 class RunLogger:
@@ -30,18 +73,8 @@ class RunLogger:
             return
         import mlflow
 
-        uri = tracking_uri(config)
-        artifacts = None
-        if uri.startswith("sqlite:///"):
-            database = Path(uri.removeprefix("sqlite:///"))
-            database.parent.mkdir(parents=True, exist_ok=True)
-            artifacts = (database.parent / "artifacts").resolve().as_uri()
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name(config.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else client.create_experiment(config.experiment, artifact_location=artifacts)
-        )
+        client, experiment_id = open_experiment(config)
+        uri = redact(tracking_uri(config))
         self._mlflow = mlflow
         if resume_run_id and not _run_exists(client, resume_run_id):
             # a checkpoint moved to another machine or tracking server: its run is not there to continue
@@ -51,7 +84,7 @@ class RunLogger:
             run = mlflow.start_run(run_id=resume_run_id)
         else:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-            mlflow.log_params(_flatten(params))
+            mlflow.log_params(flatten_params(params))
         self.run_id = run.info.run_id
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
 
@@ -61,10 +94,6 @@ class RunLogger:
         self._mlflow.log_metrics(metrics, step=step)
         with open(self.metrics_file, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
-
-    def artifact(self, path: Path) -> None:
-        if self.active:
-            self._mlflow.log_artifact(str(path))
 
     def close(self, status: str = "FINISHED") -> None:
         if self.active and self._mlflow.active_run() is not None:
@@ -81,13 +110,13 @@ def _run_exists(client, run_id: str) -> bool:
     return True
 
 
-def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
+def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
     """Nested sections as dotted keys; MLflow caps a value at 6000 characters."""
     out: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten_params(value, f"{name}."))
         else:
             out[name] = str(value)[:6000]
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from collectionlora.bank import open_bank
 from collectionlora.config import Params
-from collectionlora.distill.export import read_collection
+from collectionlora.distill.export import LORA_WEIGHTS, read_collection
 from collectionlora.distill.prompting import PromptPlan
 from collectionlora.errors import CollectionLoraError
 from collectionlora.evaluate.evaluation import (
@@ -54,6 +54,7 @@ def evaluate_collection(params: Params, collection: Path, baselines: Path | None
     gate = decide_gate({r.name: r.summary for r in results}, by_name[config.gate.student].per_effect, config.gate)
     context = {
         "bank": bank.name,
+        "student_lora_sha256": record["files"][LORA_WEIGHTS],  # which LoRA this evaluation is of (the registry checks it)
         "effects": [e.id for e in bank.effects],
         "eval_sources": len(cases.sources),
         "cases": sum(len(cases.sources) * len(s) for s in cases.seeds.values()),
