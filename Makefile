@@ -14,7 +14,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: setup demo test bank benchmarks clean
+.PHONY: setup demo test test-ui ui bank benchmarks clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,20 +25,31 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
-## The main job on the embedded default: pull the demo bank (offline, from the remote committed in
-## dvc-storage/), validate it, roll out its teachers, distil them into one LoRA, build the baselines
-## (FM all-in-1, PEFT merges), evaluate every method and print the methods table with the gate.
-## Re-running resumes (rollouts are cached, distill continues from its last checkpoint).
+## The main job on the embedded default, as `dvc repro` (the stages of dvc.yaml, the path users repro):
+## pull the demo bank (offline, from the remote committed in dvc-storage/), validate it, roll out its
+## teachers, distil them into one LoRA, build the baselines (FM all-in-1, PEFT merges), evaluate every
+## method, register the student in MLflow; then print the methods table, the gate and the registry.
+## Re-running after an interruption resumes (rollouts are cached, distill --auto-resume continues from
+## its last checkpoint); re-running after success is a no-op.
+demo: export PATH := $(CURDIR)/$(BIN):$(PATH)
 demo: setup
 	$(BIN)/dvc pull --quiet data.dvc
-	$(BIN)/collectionlora validate
-	$(BIN)/collectionlora rollout
-	$(BIN)/collectionlora distill --resume
-	$(BIN)/collectionlora baselines
-	$(BIN)/collectionlora evaluate
+	$(BIN)/dvc repro
+	@echo; cat artifacts/eval/methods.md; echo
+	@$(BIN)/python -c 'import json; g = json.load(open("artifacts/eval/gate.json")); print("gate:", "PASSED" if g["passed"] else "FAILED"); [print("  [ok]  " if c["passed"] else "  [FAIL]", c["detail"]) for c in g["checks"]]'
+	@echo; $(BIN)/collectionlora registry show
+	@echo; echo "Open the MLflow UI: make ui"
 
 test: setup
 	$(BIN)/pytest -q
+
+## The browser test of the registry UI alone, with headless Chromium required (no skip when it is missing).
+test-ui: setup
+	COLLECTIONLORA_REQUIRE_BROWSER=1 $(BIN)/pytest -q -m ui
+
+## The MLflow UI on the local tracking store (artifacts/mlflow/): 127.0.0.1, port $COLLECTIONLORA_UI_PORT (default 5000).
+ui: setup
+	$(BIN)/collectionlora ui
 
 ## Rebuild the demo bank from scratch (about an hour on 2 cores), then track and push it.
 bank: setup

@@ -80,6 +80,15 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_server_from_the_environment():
+    """Tests never reach a developer's tracking server, and `mlflow.set_tracking_uri` in one test (it
+    exports MLFLOW_TRACKING_URI) must not redirect the next test's runs."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_params() -> Params:
     return load_params(REPO / "params.yaml", TINY_OVERRIDES)

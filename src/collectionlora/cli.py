@@ -44,6 +44,8 @@ experiment_app = typer.Typer(help="The paper's tables as runnable experiments (e
 app.add_typer(experiment_app, name="experiment")
 acceleration_app = typer.Typer(help="The base's acceleration (few-step) LoRA.", no_args_is_help=True)
 app.add_typer(acceleration_app, name="acceleration")
+registry_app = typer.Typer(help="The MLflow model registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
 SetOption = Annotated[list[str], typer.Option("--set", "-S", help="Override a value: section.key=value (YAML value).")]
@@ -207,6 +209,10 @@ def distill(
     rollouts: Annotated[Path, typer.Option(help="Rollout folder (from `collectionlora rollout`).")] = Path("artifacts/rollouts"),
     out: Annotated[Path, typer.Option(help="Collection folder: the single LoRA, collection.json, checkpoints/.")] = Path("artifacts/student"),
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(help="For `dvc repro` (OUT persists): continue OUT's interrupted run if it started from these exact params, code and inputs; else clear OUT and start afresh."),
+    ] = False,
     warm_start: Annotated[Path | None, typer.Option(help="Add the bank's new effects to this existing collection.")] = None,
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
@@ -215,7 +221,15 @@ def distill(
     Multi-process: torchrun --nproc_per_node=K $(which collectionlora) distill ..."""
     from collectionlora.stages import run_distill
 
-    summary = run_distill(params_from(params, set_), rollouts, out, resume, warm_start)
+    loaded = params_from(params, set_)
+    if auto_resume:
+        if resume:
+            raise typer.BadParameter("--resume and --auto-resume exclude each other")
+        from collectionlora.distill.run import auto_resume as decide
+
+        resume = decide(loaded, rollouts, out, warm_start)
+        typer.echo(f"distill: {'resuming the interrupted run' if resume else 'a fresh run'} in {out}")
+    summary = run_distill(loaded, rollouts, out, resume, warm_start)
     if "collection" in summary:  # rank 0
         typer.echo(
             f"{summary['steps']} steps ({summary['generator_updates']} generator updates) in {summary['seconds']:.0f} s -> {out}"
@@ -276,6 +290,64 @@ def evaluate(
     summary = run_evaluate(params_from(params, set_), collection, baselines, out, params)
     typer.echo((Path(out) / TABLE).read_text(encoding="utf-8"))
     typer.echo(f"evaluated in {summary['seconds']:.0f} s; gate {'passed' if summary['gate']['passed'] else 'FAILED'} -> {out}")
+
+
+@app.command("register")
+@one_line_errors
+def register(
+    collection: Annotated[Path, typer.Option(help="Collection folder (from `collectionlora distill`).")] = Path("artifacts/student"),
+    evaluation: Annotated[Path, typer.Option(help="Its evaluation folder (from `collectionlora evaluate`).")] = Path("artifacts/eval"),
+    manifest: Annotated[Path, typer.Option(help="The bank manifest (from `collectionlora validate`).")] = Path("artifacts/bank/manifest.json"),
+    out: Annotated[Path, typer.Option(help="Folder for registration.json.")] = Path("artifacts/registry"),
+    require_pass: Annotated[bool, typer.Option(help="Refuse (exit 1, nothing registered) when the gate failed (CI, Kubeflow).")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Register the evaluated student in MLflow as a pyfunc model version: alias `challenger`, and
+    `champion` only if its gate passed and it beats the current champion. A failed gate is a result (exit 0)."""
+    from collectionlora.stages import run_register
+
+    result = run_register(params_from(params, set_), collection, evaluation, manifest, out, require_pass)
+    verb = "registered" if result["registered"] else "already registered as"
+    aliases = ", ".join(result["aliases"]) or "no aliases"
+    typer.echo(f"{verb} {result['name']} version {result['version']} ({aliases}) in {result['tracking_uri']}")
+    typer.echo(result["reason"])
+
+
+@app.command("promote")
+@one_line_errors
+def promote(
+    name: Annotated[str, typer.Option(help="Registered model name.")],
+    version: Annotated[str, typer.Option(help="Model version to promote.")],
+    alias: Annotated[str, typer.Option(help="Alias to set.")] = "champion",
+    force: Annotated[bool, typer.Option(help="Skip the champion rule (gate passed and beats the current champion).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why (required with --force; recorded as a version tag with $USER).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Set an alias on a registered version; `champion` follows the registry's rule unless --force --reason."""
+    from collectionlora.registry.register import promote as promote_version
+
+    typer.echo(promote_version(params_from(params, set_), name, version, alias, force, reason))
+
+
+@registry_app.command("show")
+@one_line_errors
+def registry_show(
+    name: Annotated[str | None, typer.Option(help="Registered model name (default: registry.model_name).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """List a registered model's versions with their aliases and gate results, newest first."""
+    from collectionlora.registry.register import describe_model
+
+    loaded = params_from(params, set_)
+    chosen = name or loaded.registry.model_name
+    typer.echo(f"{chosen}:")
+    for v in describe_model(loaded, chosen):
+        aliases = f" @{', @'.join(v['aliases'])}" if v["aliases"] else ""
+        gate = "passed" if v["gate_passed"] == "true" else "failed"
+        typer.echo(f"  version {v['version']}{aliases}: gate {gate}, judge accuracy {v['judge_accuracy']}, BCR {v['bcr']}, lora {v['lora_sha256']}, git {v['git_commit']}")
 
 
 ExperimentOut = Annotated[Path | None, typer.Option(help="Experiment folder (default: artifacts/experiments/<name>).")]
@@ -354,6 +426,26 @@ def experiment_incremental(
 
     run_incremental(params_from(params, set_), collection, manifest, rollouts, _experiment_out(out, "incremental"), added)
     typer.echo((_experiment_out(out, "incremental") / "incremental.md").read_text(encoding="utf-8"))
+
+
+@app.command("ui")
+@one_line_errors
+def ui(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Serve the MLflow UI of the tracking store on 127.0.0.1 ($COLLECTIONLORA_UI_PORT, default 5000) until Ctrl-C."""
+    from collectionlora.registry.server import MlflowServer
+    from collectionlora.tracking import tracking_uri
+
+    server = MlflowServer.for_tracking_uri(tracking_uri(params_from(params, set_).tracking))
+    typer.echo(f"starting mlflow server on {server.store.backend_store_uri} (log: {server.store.log_file}) ...")
+    with server:
+        typer.echo(f"MLflow UI: {server.url}  (Ctrl-C stops it)")
+        try:
+            code = server.wait()
+        except KeyboardInterrupt:
+            typer.echo("stopping the MLflow UI")
+            return
+    if code:
+        raise CollectionLoraError(f"mlflow server exited with status {code}: {server.log_tail()}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -17,8 +17,11 @@ from collectionlora.config import TrackingConfig
 from collectionlora.errors import CollectionLoraError
 
 
+TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
+
+
 def tracking_uri(config: TrackingConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+    return os.environ.get(TRACKING_URI_VARIABLE) or config.uri
 
 
 def redact(uri: str) -> str:
@@ -55,7 +58,14 @@ def open_experiment(config: TrackingConfig):
         database = Path(uri.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
         artifacts = (database.parent / "artifacts").resolve().as_uri()
+    users_choice = os.environ.get(TRACKING_URI_VARIABLE)
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment, where `tracking_uri` would then mistake it for
+    # the user's choice in every later call of this process (KFP local runs, tests): undo that.
+    if users_choice is None:
+        os.environ.pop(TRACKING_URI_VARIABLE, None)
+    else:
+        os.environ[TRACKING_URI_VARIABLE] = users_choice
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(config.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment, artifact_location=artifacts)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from collectionlora.adapters import AdapterSet
-from collectionlora.bank import Bank, file_sha256, open_bank
+from collectionlora.bank import Bank, file_sha256, open_bank, tree_hashes
 from collectionlora.config import DistillConfig, Params
 from collectionlora.distill import export
 from collectionlora.distill.checkpoint import (
@@ -56,7 +58,9 @@ CHECKPOINTS = "checkpoints"
 PROMPTS = "prompts.json"
 METRICS = "metrics.json"
 HISTORY = "metrics.jsonl"
+LOSSES = "losses.json"  # the loss columns of HISTORY as one JSON list: `dvc plots` reads no JSONL
 INCREMENTAL_REPORT = "incremental_report.json"
+INPUTS = "inputs.json"  # in CHECKPOINTS: what a fresh run started from (see auto_resume)
 # Values that may change between a run and its resume without changing what is trained.
 RUNTIME_FIELDS = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "save_dtype", "kohya_export"}
 
@@ -76,8 +80,47 @@ def distill_collection(
         close_world(world)
 
 
+def auto_resume(params: Params, rollouts: Path, out: Path, warm_start: Path | None = None) -> bool:
+    """Whether to resume the run in `out`, for a persistent `dvc repro` output (one process).
+
+    True only when `out` holds an unfinished run (checkpoints, no metrics.json) that started from the
+    same inputs (`inputs.json`: every params section distill reads, the package's code, the bank's
+    files, the rollout indexes, the warm start). Otherwise `out` is removed, as DVC removes a
+    non-persistent output before running its stage, and False: a params change is a clean retrain.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CollectionLoraError("distill --auto-resume runs on one process; under torchrun pass --resume or nothing")
+    out = Path(out)
+    recorded = out / CHECKPOINTS / INPUTS
+    resumable = (
+        bool(list_checkpoints(out / CHECKPOINTS))
+        and not (out / METRICS).exists()
+        and recorded.is_file()
+        and json.loads(recorded.read_text(encoding="utf-8")) == _inputs(params, Path(rollouts), warm_start)
+    )
+    if not resumable and out.exists():
+        shutil.rmtree(out)
+    return resumable
+
+
+def _inputs(params: Params, rollouts: Path, warm_start: Path | None) -> dict:
+    """Digests of everything a distill run reads: a run may only be continued with the same ones."""
+    sections = ("base", "sampling", "prompting", "distill", "bank", "incremental")
+    raw = {name: params.model_dump(mode="json")[name] for name in sections}
+    package = {k: v for k, v in tree_hashes(Path(__file__).resolve().parents[1]).items() if k.endswith(".py")}
+    indexes = {p.relative_to(rollouts).as_posix(): file_sha256(p) for p in sorted(rollouts.rglob("index.jsonl"))}
+    return {
+        "params": _digest(json.dumps(raw, sort_keys=True).encode()),
+        "code": _digest(json.dumps(package, sort_keys=True).encode()),
+        "bank": _digest(json.dumps(tree_hashes(Path(params.bank.root)), sort_keys=True).encode()),
+        "rollouts": _digest(json.dumps(indexes, sort_keys=True).encode()),
+        "warm_start": str(warm_start) if warm_start else None,
+    }
+
+
 def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start: Path | None, world: World, device: str) -> dict:
     started = time.perf_counter()
+    inputs = _inputs(params, rollouts, warm_start)  # before the warm start's override, as auto_resume sees them
     if warm_start is not None:  # the old student is anchored already; the new effects get the full objective
         params = params.model_copy(update={"distill": params.distill.model_copy(update={"anchor_steps": 0})})
     config = params.distill
@@ -85,6 +128,9 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     checkpoints = list_checkpoints(out / CHECKPOINTS)
     if checkpoints and not resume:
         raise CheckpointError(f"{out / CHECKPOINTS}: checkpoints of an earlier run exist; pass --resume to continue it, or remove {out}")
+    if not checkpoints and world.is_main:
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CHECKPOINTS / INPUTS, json.dumps(inputs, indent=2) + "\n")
 
     backbone = Backbone.load(params.base.model_copy(update={"device": device}), bank.base_dir)
     adapters = AdapterSet(backbone.transformer)
@@ -158,9 +204,17 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
         report = {"added": new_effects, "old_effects": old_effects, "generator_steps": summary["generator_updates"], "before": before, "after": after}
         atomic_write_text(out / INCREMENTAL_REPORT, json.dumps(report, indent=2) + "\n")
         summary["incremental"] = report
+    atomic_write_text(out / LOSSES, _loss_curves(out / HISTORY))
     atomic_write_text(out / METRICS, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     summary["collection"] = record
     return summary
+
+
+def _loss_curves(history: Path) -> str:
+    """`step` and the `loss_*` values of every metrics.jsonl record, as a JSON list."""
+    lines = history.read_text(encoding="utf-8").splitlines() if history.exists() else []
+    records = [json.loads(line) for line in lines if line]
+    return json.dumps([{k: v for k, v in r.items() if k == "step" or k.startswith("loss_")} for r in records]) + "\n"
 
 
 def _prompt_plan(

@@ -94,7 +94,7 @@ def _register_new(params: Params, inputs, tags: dict[str, str], client, experime
     if not _model_exists(client, name):
         client.create_registered_model(name, description="Effect LoRAs distilled into one few-step LoRA by collectionlora.")
     version = client.create_model_version(
-        name, model.model_uri, run_id=run.info.run_id, tags=tags, description=version_description(inputs, name)
+        name, model.model_uri, run_id=run.info.run_id, tags=tags, description=version_description(inputs, name), model_id=model.model_id
     ).version
     version = str(version)
     client.set_registered_model_alias(name, CHALLENGER, version)
