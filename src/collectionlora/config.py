@@ -357,6 +357,65 @@ class RegistryConfig(Section):
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
+class KfpTolerationConfig(Section):
+    """A Kubernetes toleration (value and effect optional, as in Kubernetes)."""
+
+    key: str = Field(min_length=1)
+    operator: Literal["Exists", "Equal"]
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    @model_validator(mode="after")
+    def _value_matches_operator(self) -> KfpTolerationConfig:
+        if (self.operator == "Equal") != (self.value is not None):
+            raise ValueError("a toleration has a value exactly when its operator is Equal")
+        return self
+
+
+class KfpResourcesConfig(Section):
+    """Kubernetes requests (= limits) of a task: a CPU count string ("4", "500m") and a memory quantity."""
+
+    cpu: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+
+
+class KfpDistillConfig(KfpResourcesConfig):
+    """The distillation task: its accelerators, placement, retries and where its checkpoints live."""
+
+    backend: Literal["task", "trainjob"]
+    accelerator_type: str
+    accelerator_count: int = Field(ge=0)
+    node_selector: dict[str, str]
+    tolerations: list[KfpTolerationConfig]
+    retries: int = Field(ge=0, le=10)
+    backoff: str = Field(pattern=r"^[0-9]+[smh]$")
+    timeout_s: int = Field(gt=0)
+    checkpoint_pvc: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    checkpoint_mount: str = Field(pattern=r"^/")
+    num_nodes: int = Field(ge=1)
+    trainer_runtime: str
+
+
+class KfpSecretsConfig(Section):
+    """Kubernetes Secret names (never values): their keys become the tasks' environment variables."""
+
+    s3: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    mlflow: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class KfpConfig(Section):
+    """The Kubeflow pipeline (`collectionlora pipeline ...`): compile-time defaults and task settings."""
+
+    image: str = Field(min_length=1)
+    pipeline_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    bank_uri: str | None
+    rollout_parallelism: int = Field(ge=1)
+    config_map: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    secrets: KfpSecretsConfig
+    task: KfpResourcesConfig
+    distill: KfpDistillConfig
+
+
 class Params(Section):
     base: BaseConfig
     sampling: SamplingConfig
@@ -375,6 +434,7 @@ class Params(Section):
     eval_plugins: EvalPluginsConfig
     tracking: TrackingConfig
     registry: RegistryConfig
+    kfp: KfpConfig
 
 
 def load_params(path: Path | str = "params.yaml", overrides: dict | None = None) -> Params:
