@@ -15,6 +15,7 @@ COMMANDS = [
     [], ["effects", "list"], ["demo-bank", "build"], ["teachers", "train"], ["judge", "train"], ["acceleration", "train"],
     ["validate"], ["preview"], ["rollout"], ["distill"], ["edit"], ["baselines"], ["evaluate"],
     ["experiment", "ablations"], ["experiment", "scaling"], ["experiment", "composition"], ["experiment", "incremental"],
+    ["pipeline", "compile"], ["pipeline", "upload"], ["pipeline", "run"], ["pipeline", "run-local"],
 ]
 
 

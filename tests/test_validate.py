@@ -18,7 +18,7 @@ CASES = sorted((Path(__file__).parent / "fixtures" / "bad_banks").glob("*.yaml")
 
 
 def bank_config(manifest: Path) -> BankConfig:
-    return BankConfig(root=manifest.parent, manifest=manifest, image_size=32, min_pairs=1, max_effects=None)
+    return BankConfig(root=manifest.parent, manifest=manifest, image_size=32, min_pairs=1, max_effects=None, effects=None)
 
 
 def test_corpus_is_large_enough():
@@ -75,7 +75,7 @@ def test_valid_bank_manifest(valid_bank: Path, tmp_path: Path):
 
 
 def test_too_few_pairs(valid_bank: Path, tmp_path: Path):
-    config = BankConfig(root=valid_bank.parent, manifest=valid_bank, image_size=32, min_pairs=PAIRS + 1, max_effects=None)
+    config = BankConfig(root=valid_bank.parent, manifest=valid_bank, image_size=32, min_pairs=PAIRS + 1, max_effects=None, effects=None)
     with pytest.raises(BankError, match=r"effects/sepia/pairs: 3 pairs, fewer than bank.min_pairs=4"):
         run_validate(config, tmp_path / "out", None)
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -98,3 +98,10 @@ def test_max_effects_keeps_the_first_effects_and_refuses_more_than_listed(valid_
     assert [e.id for e in load_bank(valid_bank, 32, max_effects=1).effects] == listed[:1]
     with pytest.raises(BankError, match=rf"effects: bank.max_effects is {len(listed) + 1} but the manifest lists {len(listed)}"):
         load_bank(valid_bank, 32, max_effects=len(listed) + 1)
+
+
+def test_bank_effects_selects_a_subset_in_manifest_order_and_names_unknown_ids(valid_bank: Path) -> None:
+    listed = [e.id for e in load_bank(valid_bank, 32).effects]
+    assert [e.id for e in load_bank(valid_bank, 32, effect_ids=list(reversed(listed[:2]))).effects] == listed[:2]
+    with pytest.raises(BankError, match=r"effects: bank\.effects names no_such_effect, not in the manifest"):
+        load_bank(valid_bank, 32, effect_ids=[listed[0], "no_such_effect"])

@@ -123,16 +123,22 @@ class Bank:
 
 
 def open_bank(config: BankConfig) -> Bank:
-    """The bank params.yaml names: its manifest, image size and effect subset (`bank.max_effects`)."""
-    return load_bank(config.manifest, config.image_size, config.max_effects)
+    """The bank params.yaml names: its manifest, image size and effect subset (`bank.effects`, `bank.max_effects`)."""
+    return load_bank(config.manifest, config.image_size, config.max_effects, config.effects)
 
 
-def load_bank(manifest_path: Path, image_size: int, max_effects: int | None = None) -> Bank:
-    """Parse and structurally check a bank (only its first `max_effects` effects when given); every
-    error is one line naming the file and field."""
+def load_bank(manifest_path: Path, image_size: int, max_effects: int | None = None, effect_ids: list[str] | None = None) -> Bank:
+    """Parse and structurally check a bank (only the effects `effect_ids` names, then only the first
+    `max_effects`, when given); every error is one line naming the file and field."""
     manifest_path = Path(manifest_path)
     root = manifest_path.parent
     spec = _parse_spec(manifest_path)
+    if effect_ids is not None:
+        listed = [item.id for item in spec.effects]
+        unknown = [effect_id for effect_id in effect_ids if effect_id not in listed]
+        if unknown:
+            raise BankError(f"{manifest_path}: effects: bank.effects names {', '.join(unknown)}, not in the manifest (it lists {', '.join(listed)})")
+        spec = spec.model_copy(update={"effects": [item for item in spec.effects if item.id in set(effect_ids)]})
     if max_effects is not None:
         if max_effects > len(spec.effects):
             raise BankError(f"{manifest_path}: effects: bank.max_effects is {max_effects} but the manifest lists {len(spec.effects)}")

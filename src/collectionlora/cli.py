@@ -46,6 +46,8 @@ acceleration_app = typer.Typer(help="The base's acceleration (few-step) LoRA.", 
 app.add_typer(acceleration_app, name="acceleration")
 registry_app = typer.Typer(help="The MLflow model registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, upload, run on a cluster, or run locally.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
 SetOption = Annotated[list[str], typer.Option("--set", "-S", help="Override a value: section.key=value (YAML value).")]
@@ -446,6 +448,107 @@ def ui(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> No
             return
     if code:
         raise CollectionLoraError(f"mlflow server exited with status {code}: {server.log_tail()}")
+
+
+RepoOption = Annotated[Path, typer.Option(help="Repository root (pipelines/, components/, data.dvc).")]
+
+
+@pipeline_app.command("compile")
+@one_line_errors
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(help="IR YAML to write.")] = Path("artifacts/pipeline/collectionlora.yaml"),
+    repo: RepoOption = Path("."),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Compile the pipeline to IR YAML, params.yaml's values as its defaults (image: $COLLECTIONLORA_IMAGE or kfp.image)."""
+    from collectionlora.pipeline.build import compile_pipeline
+
+    typer.echo(f"wrote {compile_pipeline(params_from(params, set_), out, repo)}")
+
+
+KfpHostOption = Annotated[
+    str, typer.Option("--host", help="The KFP API URL, http(s)://...; token from $KFP_TOKEN or the file named by $KF_PIPELINES_SA_TOKEN_PATH (none needed on loopback).")
+]
+IrOption = Annotated[Path | None, typer.Option("--ir", help="A compiled IR YAML (default: compile params.yaml with --set into a temporary file).")]
+
+
+@pipeline_app.command("upload")
+@one_line_errors
+def pipeline_upload(
+    host: KfpHostOption,
+    name: Annotated[str | None, typer.Option(help="Pipeline name (default: kfp.pipeline_name).")] = None,
+    version: Annotated[str | None, typer.Option(help="Version name when the pipeline exists (default: <UTC time>-<IR sha256[:12]>).")] = None,
+    ir: IrOption = None,
+    description: Annotated[str, typer.Option(help="Description shown in the KFP UI.")] = "",
+    repo: RepoOption = Path("."),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Upload the compiled pipeline to a KFP cluster: a new pipeline, or a new version of an existing one."""
+    import tempfile
+
+    from collectionlora.pipeline.client import api_host, connect, kfp_token, pipeline_ir, upload
+
+    loaded = params_from(params, set_)
+    kfp_token(api_host(host))  # a missing token is one line before compiling
+    with tempfile.TemporaryDirectory() as scratch:
+        chosen = pipeline_ir(ir, loaded, repo, Path(scratch))
+        result = upload(connect(host), chosen, name or loaded.kfp.pipeline_name, version, description)
+    typer.echo(f"uploaded {result['created']}: {name or loaded.kfp.pipeline_name} version {result['version']} "
+               f"(pipeline {result['pipeline_id']}, version {result['pipeline_version_id']}): {result['url']}")
+    if result["note"]:
+        typer.echo(f"note: {result['note']}")
+
+
+@pipeline_app.command("run")
+@one_line_errors
+def pipeline_run(
+    host: KfpHostOption,
+    experiment: Annotated[str | None, typer.Option(help="KFP experiment, created if missing (default: kfp.pipeline_name).")] = None,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="A pipeline parameter for this run: name=value (text as given).")] = None,
+    ir: IrOption = None,
+    run_name: Annotated[str | None, typer.Option(help="Run name (default: <pipeline> <UTC time>).")] = None,
+    repo: RepoOption = Path("."),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Start a run of the compiled pipeline on a KFP cluster; --set changes the compiled defaults, --param this run's values."""
+    import tempfile
+
+    from collectionlora.pipeline.client import api_host, check_arguments, connect, ir_spec, kfp_token, pipeline_ir, run
+
+    arguments = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--param {item!r}: expected name=value")
+        arguments[key] = value
+    loaded = params_from(params, set_)
+    kfp_token(api_host(host))  # a missing token is one line before compiling
+    with tempfile.TemporaryDirectory() as scratch:
+        chosen = pipeline_ir(ir, loaded, repo, Path(scratch))
+        check_arguments(ir_spec(chosen), arguments)  # refused before any request
+        result = run(connect(host), chosen, experiment or loaded.kfp.pipeline_name, arguments, run_name)
+    typer.echo(f"started run {result['run_name']!r} ({result['run_id']}) in experiment {result['experiment']}: {result['url']}")
+
+
+@pipeline_app.command("run-local")
+@one_line_errors
+def pipeline_run_local(
+    work: Annotated[Path, typer.Option(help="Folder for the run's pipeline_root/ and checkpoints/.")] = Path("artifacts/kfp-local"),
+    repo: RepoOption = Path("."),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Run the whole pipeline here with kfp.local (each task a process of this environment), registering
+    into the tracking store; pass a small budget with --set for a quick run."""
+    from collectionlora.pipeline.local_run import run_local
+
+    loaded = params_from(params, set_)
+    result = run_local(loaded, work, repo)
+    typer.echo(f"pipeline finished in {result['seconds']:.0f} s; outputs in {result['pipeline_root']}")
+    registry_show(None, params, set_)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -132,6 +132,7 @@ class BankConfig(Section):
     image_size: int = Field(ge=8)
     min_pairs: int = Field(ge=1)
     max_effects: int | None = Field(default=..., ge=1)  # only the manifest's first N effects (scaling runs); null = all
+    effects: list[str] | None = Field(default=..., min_length=1)  # only these effect ids, in manifest order; null = all
 
 
 class DemoConfig(Section):
@@ -379,12 +380,18 @@ class KfpResourcesConfig(Section):
     memory: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 
 
+class KfpTaskConfig(KfpResourcesConfig):
+    """Every task but distill; the ones that run the model (rollout, baselines, evaluate) get the accelerators."""
+
+    accelerator_count: int = Field(ge=0)
+
+
 class KfpDistillConfig(KfpResourcesConfig):
     """The distillation task: its accelerators, placement, retries and where its checkpoints live."""
 
     backend: Literal["task", "trainjob"]
-    accelerator_type: str
-    accelerator_count: int = Field(ge=0)
+    accelerator_type: str = Field(min_length=1)  # also the type of `task`'s accelerators
+    accelerator_count: int = Field(ge=0)  # per node
     node_selector: dict[str, str]
     tolerations: list[KfpTolerationConfig]
     retries: int = Field(ge=0, le=10)
@@ -412,7 +419,7 @@ class KfpConfig(Section):
     rollout_parallelism: int = Field(ge=1)
     config_map: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     secrets: KfpSecretsConfig
-    task: KfpResourcesConfig
+    task: KfpTaskConfig
     distill: KfpDistillConfig
 
 

@@ -27,3 +27,7 @@ class RolloutError(CollectionLoraError):
 
 class CaptionError(CollectionLoraError):
     """The AOP captioner (an OpenAI-compatible VLM endpoint) gave no usable caption for an effect."""
+
+
+class PipelineError(CollectionLoraError):
+    """The Kubeflow pipeline cannot be compiled, uploaded or run as asked (bad IR, host, token, params)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,25 @@ def _remove_stale(folder: Path, keys: set[str]) -> None:
         leftover = path.name.startswith(".") and ".tmp-" in path.name
         if path.is_file() and (stale_target or leftover):
             path.unlink()
+
+
+def merge_rollouts(bank: Bank, parts: list[Path], out: Path) -> None:
+    """Rollout folders of separate tasks (one effect each, a Kubeflow fan-out) as one folder, with the
+    combined index in bank order; each bank effect must come from exactly one part."""
+    out = Path(out)
+    found: dict[str, Path] = {}
+    for part in map(Path, parts):
+        for effect in bank.effects:
+            if (part / effect.id / INDEX).is_file():
+                if effect.id in found:
+                    raise RolloutError(f"{part / effect.id}: effect '{effect.id}' was also rolled out in {found[effect.id]}")
+                found[effect.id] = part
+    missing = [effect.id for effect in bank.effects if effect.id not in found]
+    if missing:
+        raise RolloutError(f"{out}: no rollouts for {', '.join(missing)} among the {len(parts)} parts")
+    for effect_id, part in found.items():
+        shutil.copytree(part / effect_id, out / effect_id, dirs_exist_ok=True)
+    _write_combined_index(bank, out)
 
 
 def _write_combined_index(bank: Bank, out: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from collectionlora.bank import Bank, decode_utf8, file_sha256, load_bank, tree_hashes
+from collectionlora.bank import Bank, decode_utf8, file_sha256, open_bank, tree_hashes
 from collectionlora.config import BankConfig
 from collectionlora.errors import BankError
 from collectionlora.images import load_png
@@ -28,8 +28,10 @@ from collectionlora.lorafile import (
 MANIFEST = "manifest.json"
 
 
-def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None) -> dict:
-    """Validate everything the bank manifest references; write and return out_dir/manifest.json."""
+def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None, data_version: str | None = None) -> dict:
+    """Validate everything the bank manifest references; write and return out_dir/manifest.json.
+    The data version is `dvc_file`'s md5, or `data_version` where no .dvc file travels with the bank
+    (a Kubeflow run imports the data folder; the pipeline was compiled beside data.dvc)."""
     out_dir = Path(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     manifest_path = Path(bank_config.manifest)
@@ -38,7 +40,7 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None) 
             f"{manifest_path}: the bank root is the manifest's folder, but bank.root is {bank_config.root}"
         )
     checks = ["manifest schema, unique ids, non-empty prompts", "paths inside the bank root", "no pickle files"]
-    bank = load_bank(manifest_path, bank_config.image_size)
+    bank = open_bank(bank_config)  # what the stages will use: bank.effects / bank.max_effects applied
 
     for effect in bank.effects:
         if len(effect.pairs) < bank_config.min_pairs:
@@ -76,7 +78,7 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None) 
             "image_size": bank_config.image_size,
         },
         "base": _base_reference(bank),
-        "data_dvc_md5": _dvc_md5(dvc_file),
+        "data_dvc_md5": dvc_md5(dvc_file) if dvc_file is not None else data_version,
         "effects": [
             {
                 "id": effect.id,
@@ -148,7 +150,7 @@ def _referenced_hashes(bank: Bank) -> dict[str, str]:
     return dict(sorted(hashes.items()))
 
 
-def _dvc_md5(dvc_file: Path | None) -> str | None:
+def dvc_md5(dvc_file: Path | None) -> str | None:
     """outs[0].md5 of the data .dvc file, linking this manifest to the DVC-tracked data version."""
     if dvc_file is None or not Path(dvc_file).is_file():
         return None

@@ -13,6 +13,7 @@ from collectionlora.config import Params
 from collectionlora.registry.inputs import RegistrationInputs
 
 KFP_RUN_ID_ENV = "KFP_RUN_ID"  # set by the Kubeflow pipeline on its register task
+GIT_COMMIT_ENV = "COLLECTIONLORA_GIT_COMMIT"  # baked into the project image (Dockerfile), which has no .git
 UNKNOWN = "unknown"
 
 
@@ -58,13 +59,13 @@ def rollout_digest(per_effect: dict[str, str]) -> str:
 
 
 def git_commit(repo: Path) -> str:
-    """HEAD of the repository at `repo`, with '-dirty' when tracked files differ; 'unknown' outside git
-    (a container image built from an archive)."""
+    """HEAD of the repository at `repo`, with '-dirty' when tracked files differ; outside git (the
+    project image) the commit the image was built from, else 'unknown'."""
     try:
         head = _git(repo, "rev-parse", "HEAD")
         dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
-        return UNKNOWN
+        return os.environ.get(GIT_COMMIT_ENV) or UNKNOWN
     return head + ("-dirty" if dirty else "")
 
 
