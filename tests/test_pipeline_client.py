@@ -163,6 +163,7 @@ def test_run_creates_the_experiment_and_sends_the_spec_and_parameters(kfp_server
     assert body["display_name"] == "r1"
     assert body["experiment_id"] == next(iter(kfp_server.experiments))
     assert body["runtime_config"]["parameters"] == arguments
+    assert body["service_account"] == "collectionlora-pipeline-runner"  # params.yaml kfp.service_account (RBAC for TrainJobs)
     spec, platform = read_ir(compiled_ir)
     assert body["pipeline_spec"] == {"pipeline_spec": json_format.MessageToDict(spec), "platform_spec": json_format.MessageToDict(platform)}
     [run_id] = kfp_server.runs
@@ -287,7 +288,7 @@ def test_upload_and_run_check_their_input_themselves(kfp_server: FakeKfp, compil
     with pytest.raises(PipelineError, match="not a valid KFP pipeline IR"):
         upload(client, broken_copy(compiled_ir, tmp_path), "collectionlora", None, "")
     with pytest.raises(PipelineError, match=f"valid: {PARAMETERS}"):
-        run(client, compiled_ir, "nightly", {"bank": "s3://x/data"}, None)
+        run(client, compiled_ir, "nightly", {"bank": "s3://x/data"}, None, "collectionlora", "collectionlora-pipeline-runner")
     assert not [r for r in kfp_server.requests if r["method"] == "POST"]
 
 

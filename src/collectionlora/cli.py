@@ -529,7 +529,8 @@ def pipeline_run(
     with tempfile.TemporaryDirectory() as scratch:
         chosen = pipeline_ir(ir, loaded, repo, Path(scratch))
         check_arguments(ir_spec(chosen), arguments)  # refused before any request
-        result = run(connect(host), chosen, experiment or loaded.kfp.pipeline_name, arguments, run_name)
+        kfp = loaded.kfp
+        result = run(connect(host), chosen, experiment or kfp.pipeline_name, arguments, run_name, kfp.namespace, kfp.service_account)
     typer.echo(f"started run {result['run_name']!r} ({result['run_id']}) in experiment {result['experiment']}: {result['url']}")
 
 

@@ -417,6 +417,8 @@ class KfpConfig(Section):
     pipeline_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     bank_uri: str | None
     rollout_parallelism: int = Field(ge=1)
+    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    service_account: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     config_map: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     secrets: KfpSecretsConfig
     task: KfpTaskConfig

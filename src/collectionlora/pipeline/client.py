@@ -143,7 +143,9 @@ def upload(client: kfp.Client, ir: Path, name: str, version: str | None, descrip
     }
 
 
-def run(client: kfp.Client, ir: Path, experiment: str, arguments: dict, run_name: str | None) -> dict:
+def run(
+    client: kfp.Client, ir: Path, experiment: str, arguments: dict, run_name: str | None, namespace: str, service_account: str
+) -> dict:
     """Start a run of the compiled `ir` (embedded whole in the request) in `experiment` (created if
     missing), after checking `arguments` against the IR's parameters; returns {"run_id", "run_name", "url", ...}."""
     ir = Path(ir)
@@ -151,7 +153,10 @@ def run(client: kfp.Client, ir: Path, experiment: str, arguments: dict, run_name
     check_arguments(spec, arguments)
     run_name = run_name or f"{spec.pipeline_info.name} {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
     with _api(f"{ir}: starting run {run_name!r} in experiment {experiment}"):
-        result = client.create_run_from_pipeline_package(str(ir), arguments=dict(arguments), run_name=run_name, experiment_name=experiment)
+        result = client.create_run_from_pipeline_package(
+            str(ir), arguments=dict(arguments), run_name=run_name, experiment_name=experiment, namespace=namespace,
+            service_account=service_account,
+        )
     return {
         "run_id": result.run_id, "run_name": run_name, "experiment": experiment, "experiment_id": result.run_info.experiment_id,
         "url": f"{_ui(client)}/#/runs/details/{result.run_id}",
