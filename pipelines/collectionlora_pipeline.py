@@ -31,9 +31,9 @@ def build_pipeline(params: Params, image: str, data_version: str) -> Callable:
     # The fan-out is a pipeline of its own: its `effects` input is then a parameter of the loop's parent,
     # which kfp.local can iterate (it cannot iterate a task's output directly; a cluster can do both).
     @dsl.pipeline(name="rollout-each-effect")
-    def rollout_each_effect(bank: dsl.Input[dsl.Dataset], params: str, effects: List[str]) -> List[dsl.Dataset]:
+    def rollout_each_effect(bank: dsl.Input[dsl.Dataset], bank_digest: str, params: str, effects: List[str]) -> List[dsl.Dataset]:
         with dsl.ParallelFor(effects, parallelism=kfp.rollout_parallelism) as effect:
-            rollout = _on_model(components.rollout(bank=bank, params=params, effect=effect), settings)
+            rollout = _on_model(components.rollout(bank=bank, bank_digest=bank_digest, params=params, effect=effect), settings)
         return dsl.Collected(rollout.outputs["rollouts"])
 
     # The gate is a pipeline input of its own for the same reason: kfp.local resolves a condition on a
@@ -60,7 +60,10 @@ def build_pipeline(params: Params, image: str, data_version: str) -> Callable:
     ) -> None:
         bank = dsl.importer(artifact_uri=bank_uri, artifact_class=dsl.Dataset, reimport=False)
         validated = _on_cpu(components.validate(bank=bank.output, params=params, data_version=data_version), kfp.task)
-        rollouts = rollout_each_effect(bank=bank.output, params=validated.outputs["rollout_params"], effects=validated.outputs["effects"])
+        rollouts = rollout_each_effect(
+            bank=bank.output, bank_digest=validated.outputs["bank_digest"], params=validated.outputs["rollout_params"],
+            effects=validated.outputs["effects"],
+        )
         collected = _on_cpu(components.collect_rollouts(bank=bank.output, params=params, parts=rollouts.output), kfp.task)
         student = _distill_settings(
             components.distill(

@@ -59,7 +59,8 @@ def test_the_graph_fans_out_over_effects_and_gates_the_registration(gpu_ir) -> N
     fan_out = spec["components"]["comp-rollout-each-effect"]["dag"]["tasks"]["for-loop-1"]
     assert fan_out["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--effects"
     assert fan_out["iteratorPolicy"]["parallelismLimit"] == params.kfp.rollout_parallelism
-    assert root["rollout-each-effect"]["inputs"]["parameters"]["effects"]["taskOutputParameter"]["producerTask"] == "validate"
+    for name in ("effects", "bank_digest", "params"):  # the bank's content and only rollout's sections: its cache key
+        assert root["rollout-each-effect"]["inputs"]["parameters"][name]["taskOutputParameter"]["producerTask"] == "validate"
     gate = spec["components"]["comp-register-if-gate-passed"]["dag"]["tasks"]["condition-1"]
     assert "gate_passed" in gate["triggerPolicy"]["condition"] and gate["triggerPolicy"]["condition"].endswith("== true")
     assert root["register-if-gate-passed"]["inputs"]["parameters"]["gate_passed"]["taskOutputParameter"]["producerTask"] == "evaluate"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hashlib
 import json
 
 import yaml
@@ -69,6 +70,12 @@ def write_params(params: Params, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     return path
+
+
+def bank_digest(manifest: dict) -> str:
+    """One sha256 of every file a validated bank references (manifest.json's `files`): what a task's
+    cache key needs, since Kubeflow keys an imported bank by its URI, not by its content."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 def shipped_effects(params: Params) -> list[str]:
