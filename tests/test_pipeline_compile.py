@@ -150,3 +150,11 @@ def test_a_broken_ir_is_refused_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(CollectionLoraError, match="not a valid KFP pipeline IR"):
         read_ir(broken)
     assert os.path.getsize(broken) > 0
+
+
+def test_unknown_effect_ids_fail_before_the_pipeline_runs(valid_bank: Path, tmp_path: Path) -> None:
+    from collectionlora.pipeline.build import check_expressible
+
+    bank = {"root": str(valid_bank.parent), "manifest": str(valid_bank), "effects": ["no_such_effect"]}
+    with pytest.raises(CollectionLoraError, match="bank.effects names no_such_effect, not in the manifest"):
+        check_expressible(load_params(REPO / "params.yaml", {"bank": bank}), cluster=False)

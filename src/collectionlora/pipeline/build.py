@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from collectionlora.config import Params
 from collectionlora.errors import PipelineError
 from collectionlora.pipeline.distill_task import check_placement
-from collectionlora.pipeline.task_params import params_json, task_params
+from collectionlora.pipeline.task_params import params_json, shipped_effects, task_params
 from collectionlora.validate import dvc_md5
 
 IMAGE_ENV = "COLLECTIONLORA_IMAGE"  # the project image to run, overriding kfp.image at compile time
@@ -35,6 +35,8 @@ def check_expressible(params: Params, cluster: bool = True) -> None:
         )
     check_placement(params)
     task_params(params_json(params), "/bank")
+    if Path(params.bank.manifest).is_file():  # the bank beside data.dvc: unknown bank.effects ids fail here, not in a task
+        shipped_effects(params)
 
 
 def compile_pipeline(params: Params, out: Path, repo: Path = Path("."), cluster: bool = True) -> Path:
