@@ -4,6 +4,7 @@ the local tracking store. Kubernetes settings (GPUs, volumes, Secrets) are accep
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ def run_local(params: Params, work: Path, repo: Path = Path(".")) -> dict:
     os.environ[TRACKING_URI_VARIABLE] = uri  # the task processes inherit it (and never see a credential here)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "pipeline_root"), raise_on_error=True)
     pipeline = load_pipeline(repo).build_pipeline(params, project_image(params), data_version(repo))
-    started = time.perf_counter()
+    started, original_print = time.perf_counter(), builtins.print
     try:
         pipeline(
             bank_uri=str(Path(params.bank.root).resolve()), params=params_json(params), data_version=data_version(repo),
@@ -36,6 +37,10 @@ def run_local(params: Params, work: Path, repo: Path = Path(".")) -> dict:
         )
     except RuntimeError as error:  # kfp.local: "Pipeline 'x' finished with status FAILURE. Inner task failed: 'y'."
         raise PipelineError(f"{work / 'pipeline_root'}: {' '.join(str(error).split())}") from error
+    finally:
+        # kfp.local swaps builtins.print for an indenting one per task; its parallel loop iterations
+        # (threads) can restore each other's swap, leaving every later print() in this process indented.
+        builtins.print = original_print
     return {"seconds": time.perf_counter() - started, "pipeline_root": str(work / "pipeline_root"), "tracking_uri": uri}
 
 
