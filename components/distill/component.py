@@ -13,6 +13,5 @@ def distill(
     from collectionlora.pipeline.outputs import log_scalars
     from collectionlora.pipeline.task_params import task_params
 
-    workdir = Path(checkpoint_root) / "runs" / run_id
-    summary = distill_task(task_params(params, bank.path), Path(rollouts.path), workdir, Path(student.path))
+    summary = distill_task(task_params(params, bank.path), Path(rollouts.path), Path(checkpoint_root), run_id, Path(student.path))
     log_scalars(metrics.log_metric, summary)

@@ -24,6 +24,13 @@ def tracking_uri(config: TrackingConfig) -> str:
     return os.environ.get(TRACKING_URI_VARIABLE) or config.uri
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """A relative `sqlite:///` store made absolute (for processes with another working directory); others as given."""
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
 def redact(uri: str) -> str:
     """The URI without user:password@ (never print or log a credential)."""
     parts = urlsplit(uri)

@@ -87,9 +87,9 @@ def processes_per_node(params: Params) -> int:
 def distill_command(params_file: Path, rollouts: Path, out: Path, processes: int, resume: bool) -> list[str]:
     """The command every node runs. torchrun takes nodes, node rank and master from the runtime's
     PET_* environment, so one command serves every node."""
-    command = ["torchrun", f"--nproc-per-node={processes}", "--no-python", "collectionlora", "distill"]
-    command += ["--params", str(params_file), "--rollouts", str(rollouts), "--out", str(out)]
-    return command + (["--resume"] if resume else [])
+    from collectionlora.pipeline.distill_task import distill_arguments  # (it imports this module lazily)
+
+    return ["torchrun", f"--nproc-per-node={processes}", "--no-python", "collectionlora", *distill_arguments(params_file, rollouts, out, resume)]
 
 
 def trainjob_name(out: Path) -> str:

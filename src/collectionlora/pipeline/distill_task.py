@@ -31,13 +31,13 @@ def check_placement(params: Params) -> None:
             raise ConfigError(f"params: base.device is {params.base.device} but {field}.accelerator_count is 0: request the GPUs")
 
 
-def distill_task(params: Params, rollouts: Path, workdir: Path, student: Path) -> dict:
-    """Distil into `workdir`/student (resuming an interrupted attempt), then copy the collection to
-    `student` (the task's Model artifact); returns the student's metrics.json."""
+def distill_task(params: Params, rollouts: Path, checkpoint_root: Path, run_id: str, student: Path) -> dict:
+    """Distil in `checkpoint_root`/runs/`run_id` (resuming an interrupted attempt of this run), then copy
+    the collection to `student` (the task's Model artifact); returns the student's metrics.json."""
     from collectionlora.distill.run import METRICS, auto_resume
 
     check_placement(params)
-    workdir = Path(workdir)
+    workdir = Path(checkpoint_root) / "runs" / run_id
     out = workdir / "student"
     if params.kfp.distill.backend == "trainjob":  # the nodes mount the volume, not this task's artifacts
         from collectionlora.trainjob import submit_and_wait  # it decides resume itself (auto_resume, once)
@@ -56,11 +56,16 @@ def distill_task(params: Params, rollouts: Path, workdir: Path, student: Path) -
     return json.loads((out / METRICS).read_text(encoding="utf-8"))
 
 
+def distill_arguments(params_file: Path, rollouts: Path, out: Path, resume: bool) -> list[str]:
+    """`collectionlora distill`'s arguments, the same on every rank (this node's torchrun, a TrainJob's nodes)."""
+    arguments = ["distill", "--params", str(params_file), "--rollouts", str(rollouts), "--out", str(out)]
+    return arguments + (["--resume"] if resume else [])
+
+
 def torchrun_command(processes: int, params_file: Path, rollouts: Path, out: Path, resume: bool) -> list[str]:
-    """One process per accelerator of this node; every rank runs the same `collectionlora distill`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "collectionlora.cli"]
-    command += ["distill", "--params", str(params_file), "--rollouts", str(rollouts), "--out", str(out)]
-    return command + (["--resume"] if resume else [])
+    """One process per accelerator of this node."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "collectionlora.cli"]
+    return torchrun + distill_arguments(params_file, rollouts, out, resume)
 
 
 def _run_here(params: Params, params_file: Path, rollouts: Path, out: Path, resume: bool) -> None:

@@ -13,10 +13,7 @@ from collectionlora.config import Params
 from collectionlora.errors import PipelineError
 from collectionlora.pipeline.build import check_expressible, data_version, load_pipeline, project_image
 from collectionlora.pipeline.task_params import params_json
-from collectionlora.tracking import TRACKING_URI_VARIABLE, tracking_uri
-
-SQLITE = "sqlite:///"
-
+from collectionlora.tracking import TRACKING_URI_VARIABLE, absolute_tracking_uri, tracking_uri
 
 def run_local(params: Params, work: Path, repo: Path = Path(".")) -> dict:
     """Run the pipeline under kfp.local with outputs under `work` (pipeline_root/, checkpoints/);
@@ -25,7 +22,7 @@ def run_local(params: Params, work: Path, repo: Path = Path(".")) -> dict:
 
     check_expressible(params, cluster=False)
     work = Path(work).resolve()
-    uri = _absolute(tracking_uri(params.tracking))
+    uri = absolute_tracking_uri(tracking_uri(params.tracking))
     os.environ[TRACKING_URI_VARIABLE] = uri  # the task processes inherit it (and never see a credential here)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "pipeline_root"), raise_on_error=True)
     pipeline = load_pipeline(repo).build_pipeline(params, project_image(params), data_version(repo))
@@ -43,9 +40,3 @@ def run_local(params: Params, work: Path, repo: Path = Path(".")) -> dict:
         builtins.print = original_print
     return {"seconds": time.perf_counter() - started, "pipeline_root": str(work / "pipeline_root"), "tracking_uri": uri}
 
-
-def _absolute(uri: str) -> str:
-    """A relative sqlite store made absolute: the tasks' working directories are not this one."""
-    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
-        return SQLITE + str(Path(uri[len(SQLITE):]).resolve())
-    return uri

@@ -37,6 +37,17 @@ def log_scalars(log_metric: Callable[[str, float], None], values: dict, prefix: 
     return logged
 
 
+def publish_evaluation(evaluation: Path, methods: Path, report: Path, bleeding: Path, samples: Path) -> bool:
+    """An evaluation folder as the evaluate task's KFP outputs (table, one-page report, the two
+    figures); returns whether the gate passed, which the pipeline's condition reads."""
+    evaluation = Path(evaluation)
+    shutil.copyfile(evaluation / "methods.md", methods)
+    Path(report).write_text(evaluation_html(evaluation), encoding="utf-8")
+    shutil.copyfile(evaluation / "bleeding.png", bleeding)
+    shutil.copyfile(evaluation / "samples.png", samples)
+    return bool(json.loads((evaluation / "gate.json").read_text(encoding="utf-8"))["passed"])
+
+
 def evaluation_html(evaluation: Path) -> str:
     """The methods table, the gate's checks and the two figures of an evaluation folder, one page."""
     evaluation = Path(evaluation)

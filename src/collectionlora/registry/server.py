@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collectionlora.errors import CollectionLoraError
+from collectionlora.tracking import absolute_tracking_uri
 
 HOST = "127.0.0.1"
 PORT_VARIABLE = "COLLECTIONLORA_UI_PORT"
@@ -58,7 +59,7 @@ def local_store(tracking_uri: str, artifacts: Path | None = None) -> ServerStore
             f"tracking URI {tracking_uri!r}: the UI serves a local sqlite:/// store only"
             " (an http(s) tracking server already has its UI: open that URL)"
         )
-    database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    database = Path(absolute_tracking_uri(tracking_uri).removeprefix("sqlite:///"))
     return ServerStore(
         backend_store_uri=f"sqlite:///{database}",
         artifacts=(database.parent / "artifacts") if artifacts is None else Path(artifacts).resolve(),
