@@ -1,10 +1,14 @@
 # The two commands of the README: `make demo` and `make test`. Each does its own set-up first:
 # a virtualenv in .venv/ with the pinned lock (torch 2.13.0 CPU, no torchvision), then the project.
+# Where pip would fetch PyPI's CUDA build of torch (plain Linux), add TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# A pip index for torch alone, e.g. PyTorch's CPU wheels https://download.pytorch.org/whl/cpu. Empty (the
+# default): torch comes from pip's own configuration like everything else, so set-up here stays offline.
+TORCH_INDEX_URL ?=
 
 # Nothing may reach the network at run time.
 export HF_HUB_OFFLINE := 1
@@ -18,6 +22,7 @@ export AWS_EC2_METADATA_DISABLED := true
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX_URL),$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --index-url $(TORCH_INDEX_URL) "$$(grep -E '^torch==' requirements.lock)")
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@! $(BIN)/pip show torchvision >/dev/null 2>&1 || { echo "torchvision must not be installed"; exit 1; }

@@ -57,13 +57,13 @@ TINY_OVERRIDES = {
     "rollout": {"batch_size": 4},
     "prompting": {"trigger_candidates": 4},
     "distill": {
-        "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "effects_per_batch": 2, "checkpoint_every": 5, "log_every": 2,
+        "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "processes": 1, "effects_per_batch": 2, "checkpoint_every": 5, "log_every": 2,
         "generator_every": 5, "lr": 0.001, "ts_weight": 1.0,  # the paper's two time scales and weights
         "anchor_steps": 0,  # the paper's cold start; the anchor-phase tests set their own
     },
     "acceleration": {"max_steps": 2},
     "incremental": {"generator_steps_per_effect": 2},
-    "baselines": {"fm_all_in_one": {"steps": 4, "batch_size": 4, "rank": 4, "alpha": 4}, "merges": {"rank": 4}},
+    "baselines": {"fm_all_in_one": {"source": "train", "steps": 4, "batch_size": 4, "rank": 4, "alpha": 4}, "merges": {"rank": 4}},
     "evaluate": {"eval_images": 2, "stochastic_seeds": 2, "student_steps": [8, 1], "cost_requests": 8},
 }
 
@@ -185,7 +185,7 @@ def tiny_workflow(tiny_bank: Path, tiny_params: Params, tmp_path_factory: pytest
     run_validate(params.bank, work / "bank", None)
     run_rollout(params, work / "rollouts", None)
     run_distill(params, work / "rollouts", work / "student")
-    report = run_baselines(params, work / "rollouts", work / "student" / "prompts.json", work / "baselines")
+    report = run_baselines(params, work / "rollouts", work / "student", work / "baselines")
     metrics = run_evaluate(params, work / "student", work / "baselines", work / "eval")
     return {
         "params": params, "root": root, "work": work, "manifest": work / "bank" / "manifest.json", "rollouts": work / "rollouts",

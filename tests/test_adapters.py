@@ -3,6 +3,8 @@ requires_grad discipline, checked against diffusers' own `load_lora_weights`."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from bankfactory import PROBE_PROMPT, module_lora, probe_velocity
@@ -139,3 +141,19 @@ def test_adding_adapters_keeps_the_active_one(backbone, teacher_files):
     assert torch.allclose(probe_velocity(backbone), base, atol=1e-6)
     adapters.remove("critic")
     assert torch.allclose(probe_velocity(backbone), base, atol=1e-6)
+
+
+def test_several_adapters_on_one_base_print_no_peft_warning(backbone, teacher_files):
+    """peft warns "Already found a `peft_config` attribute ... multiple adapters" for every adapter added
+    after the first. Several named adapters on one base is this class's design: the warning is silenced
+    where adapters are added, so distill and evaluate runs do not print it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapters = AdapterSet(backbone.transformer)
+        for name, path in teacher_files.items():  # three rank maps: three slots
+            adapters.add_teacher(name, path)
+        adapters.add_trainable("student", 4, 4, ["to_q"], seed=0)
+        adapters.add_trainable("critic", 4, 4, ["to_q"], seed=1)
+    assert len(backbone.transformer.peft_config) == 5
+    assert not [str(w.message) for w in caught if "peft_config" in str(w.message)]
+

@@ -4,21 +4,24 @@ MLflow logging, the NaN guard, incremental add, and the edit command."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import params_for_bank
 from safetensors import safe_open
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from collectionlora.cli import app
 from collectionlora.distill.checkpoint import list_checkpoints, load_checkpoint
-from collectionlora.distill.export import COLLECTION, KOHYA_WEIGHTS, LORA_WEIGHTS
+from collectionlora.distill.export import ANCHOR, ANCHOR_RECORD, COLLECTION, KOHYA_WEIGHTS, LORA_WEIGHTS
 from collectionlora.distill.trainer import TrainingDiverged
 from collectionlora.errors import ConfigError
-from collectionlora.stages import run_distill, run_rollout
+from collectionlora.stages import run_baselines, run_distill, run_rollout
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +134,31 @@ def test_the_anchor_phase_trains_the_student_by_ta_fm_alone_then_the_critic_star
     assert (summary["steps"], summary["anchor_updates"], summary["generator_updates"], summary["critic_updates"]) == (4, 3, 1, 1)
     assert summary["effect_steps"] + summary["general_steps"] == 1  # PDSR counts the distillation steps only
     assert json.loads((tmp_path / "student" / COLLECTION).read_text())["training"]["anchor_updates"] == 3
+
+    # anchor/ holds the student as the anchor phase left it: the FM all-in-1 baseline (source: anchor)
+    exported = load_file(tmp_path / "student" / ANCHOR / LORA_WEIGHTS)
+    assert {k.removeprefix("transformer.") for k in exported} == set(students)
+    assert all(torch.equal(exported[f"transformer.{k}"], v) for k, v in students.items())
+    assert json.loads((tmp_path / "student" / ANCHOR / ANCHOR_RECORD).read_text())["anchor_steps"] == 3
+    anchored_params = params.model_copy(
+        update={"baselines": params.baselines.model_copy(update={"fm_all_in_one": params.baselines.fm_all_in_one.model_copy(update={"source": "anchor"})})}
+    )
+    report = run_baselines(anchored_params, rollouts, tmp_path / "student", tmp_path / "baselines")
+    assert report["fm_all_in_one"]["source"] == "anchor" and report["fm_all_in_one"]["steps"] == 3
+    fm = tmp_path / "baselines" / report["fm_all_in_one"]["file"]
+    assert fm.read_bytes() == (tmp_path / "student" / ANCHOR / LORA_WEIGHTS).read_bytes()
+
+
+def test_fm_all_in_one_from_a_run_without_anchor_phase_is_one_clear_error(trained, rolled, tiny_params, tmp_path):
+    student, _ = trained
+    root, rollouts = rolled
+    params = _params(tiny_params, root, tmp_path)
+    params = params.model_copy(
+        update={"baselines": params.baselines.model_copy(update={"fm_all_in_one": params.baselines.fm_all_in_one.model_copy(update={"source": "anchor"})})}
+    )
+    with pytest.raises(ConfigError, match=r"anchor.json: that run had no anchor phase .* set baselines.fm_all_in_one.source: train"):
+        run_baselines(params, rollouts, student, tmp_path / "baselines")
+    assert not (tmp_path / "baselines").exists()
 
 
 def test_the_anchor_phase_needs_ta_fm(rolled, tiny_params, tmp_path):
@@ -278,6 +306,24 @@ def test_edit_command_applies_one_effect_or_a_composition(trained, rolled, tmp_p
     bad = runner.invoke(app, ["edit", "--collection", str(out), "--image", str(image), "--out", str(tmp_path / "x.png"), "--effect", "nope"])
     assert bad.exit_code == 1 and "no effect 'nope'" in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_written_files_and_folders_get_an_ordinary_mode(trained, rolled):
+    """The collection (LoRA files, checkpoints) and the demo bank (base, judge, teachers) are 0666 / 0777
+    minus the umask like every other artifact: safetensors' save_file writes 0600 files and
+    tempfile.mkdtemp 0700 folders unless corrected."""
+    out, _ = trained
+    root, _ = rolled
+    mask = os.umask(0o077)
+    os.umask(mask)
+    paths = [path for folder in (out, root) for path in [folder, *folder.rglob("*")] if not path.is_symlink()]
+    assert any(path.suffix == ".safetensors" for path in paths) and any(p.parent.name == "checkpoints" for p in paths)
+    wrong = {
+        path.as_posix(): oct(stat.S_IMODE(path.stat().st_mode))
+        for path in paths
+        if stat.S_IMODE(path.stat().st_mode) & ~stat.S_ISGID != (0o777 if path.is_dir() else 0o666) & ~mask
+    }
+    assert not wrong
 
 
 def test_incremental_add_keeps_old_triggers_and_reports_old_effects(trained, rolled, tiny_params, tmp_path):

@@ -81,12 +81,10 @@ def test_resume_after_kill_9_is_bit_identical(setup, tmp_path):
 
 def test_two_processes_stay_in_sync_and_match_one_process_on_the_same_global_batch(setup, tmp_path):
     params, rollouts = setup
-    sets = ("distill.max_steps=6", "distill.generator_every=2", "distill.checkpoint_every=3", "base.threads=1")
-    subprocess.run(
-        _distill_command(params, rollouts, tmp_path / "one", *sets, "distill.batch_size=2"), check=True, env=_env(), capture_output=True
-    )
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "collectionlora.cli"]
-    command = torchrun + _distill_command(params, rollouts, tmp_path / "two", *sets, "distill.batch_size=1")[len(CLI):]
+    sets = ("distill.max_steps=6", "distill.generator_every=2", "distill.checkpoint_every=3", "distill.batch_size=2")
+    subprocess.run(_distill_command(params, rollouts, tmp_path / "one", *sets, "base.threads=1"), check=True, env=_env(), capture_output=True)
+    # distill.processes=2: the same command starts two torchrun workers (distill/launch.py)
+    command = _distill_command(params, rollouts, tmp_path / "two", *sets, "distill.processes=2", "base.threads=2")
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
 

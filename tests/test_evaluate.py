@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_WORKFLOW_MANIFEST, params_for_bank
 from fake_chat import FakeChatEndpoint, serving
@@ -30,6 +31,7 @@ from collectionlora.evaluate.report import (
     SAMPLES,
     TABLE,
 )
+from collectionlora.images import grid, labelled_grid, quantize
 from collectionlora.lorafile import read_lora
 from collectionlora.stages import (
     run_evaluate,
@@ -92,7 +94,27 @@ def test_every_method_is_scored_and_every_output_written(evaluated, setup):
     table = (out / TABLE).read_text()
     assert "| Teachers, 8 NFE (Base) | 8 |" in table and "## Gate (student_8nfe): " in table
     with Image.open(out / SAMPLES) as image:  # per effect a row of source | teacher | cascade | student (x3 enlarged)
-        assert image.size == (4 * 96 + 5 * 2, len(effects) * (96 + 2) + 2)
+        width, height = 4 * 96 + 5 * 2, len(effects) * (96 + 2) + 2
+        assert image.width > width and image.height > height  # and a margin for labels on the left and on top
+        left, top = image.width - width, image.height - height
+        gray = image.convert("L")
+        assert gray.crop((0, top, left, image.height)).getextrema()[0] < 100  # the effects' names
+        assert gray.crop((left, 0, image.width, top)).getextrema()[0] < 100  # the methods' names
+
+
+def test_samples_png_names_the_effect_of_each_row_and_the_method_of_each_column():
+    tiles = [[torch.full((3, 8, 8), value) for value in (0.2, 0.5, 0.8)] for _ in range(2)]
+    plain = grid(tiles, scale=3)
+    labelled = labelled_grid(tiles, ["grayscale", "snow"], ["source", "teacher", "student_8nfe"], scale=3)
+    top, left = labelled.shape[1] - plain.shape[1], labelled.shape[2] - plain.shape[2]
+    assert top > 0 and left > 0 and torch.equal(labelled[:, top:, left:], quantize(plain))  # the tiles untouched
+    other_row = labelled_grid(tiles, ["grayscale", "glow"], ["source", "teacher", "student_8nfe"], scale=3)
+    other_column = labelled_grid(tiles, ["grayscale", "snow"], ["source", "teacher", "cascade"], scale=3)
+    assert other_row.shape == other_column.shape == labelled.shape
+    changed_rows = (other_row != labelled).any(0).any(1).nonzero().flatten()
+    assert changed_rows.min() >= top + 2 + 24 + 2  # only the second row's label differs
+    changed_columns = (other_column != labelled).any(0).any(0).nonzero().flatten()
+    assert changed_columns.min() >= left + 2 + 2 * (24 + 2) and (other_column != labelled)[:, top:].sum() == 0
 
 
 def test_metrics_compare_with_the_teacher_and_the_ground_truth(evaluated):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,20 @@ def test_corrupt_file_one_line(tmp_path):
     with pytest.raises(LoraFileError) as caught:
         read_lora(path, None)
     assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_loras_get_an_ordinary_files_mode(mixed, tmp_path, umask):
+    """safetensors writes 0600 files (through its own temp file): ours get 0666 minus the umask, like
+    every other artifact."""
+    old = os.umask(umask)
+    try:
+        for layout in ("diffusers", "peft", "kohya"):
+            write_lora(mixed, tmp_path / layout / "pytorch_lora_weights.safetensors", layout)
+    finally:
+        os.umask(old)
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in tmp_path.rglob("*")}
+    assert len(modes) == 7  # three folders, three LoRAs and peft's adapter_config.json
+    for name, mode in modes.items():
+        assert mode == (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask, (name, oct(mode))
+

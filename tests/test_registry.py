@@ -85,6 +85,7 @@ def test_versions_carry_lineage_the_model_card_and_link_the_distillation_run(tin
     for effect in record["prompts"]["effects"]:
         assert f"`{effect['effect']}`" in version.description and f"`{effect['trigger']}`" in version.description
     assert "load_lora_weights" in version.description and "mlflow.pyfunc.load_model" in version.description
+    assert "FlowMatchEulerDiscreteScheduler.from_pretrained" in version.description  # the card's stock call
 
 
 def test_the_registration_run_holds_the_evaluation(tiny_registry):
@@ -105,6 +106,7 @@ def test_the_logged_model_is_code_and_safetensors_with_no_pickle(tiny_registry):
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib"))], files
     assert "artifacts/pytorch_lora_weights.safetensors" in files and "artifacts/collection.json" in files
+    assert "artifacts/scheduler/scheduler_config.json" in files  # the stock diffusers call's scheduler
     assert any(f.startswith("artifacts/base/transformer/") and f.endswith(".safetensors") for f in files)  # the embedded base ships inside
     flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "pyfunc_model.py" in files  # models-from-code

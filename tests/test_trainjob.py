@@ -447,7 +447,7 @@ def test_a_two_node_cpu_trainjob_distils_one_student_with_gloo(fake, tiny_bank, 
     params = params_for_bank(
         tiny_params, root,
         base={"threads": 1},
-        distill={"max_steps": 6, "generator_every": 2, "checkpoint_every": 3, "batch_size": 1},  # global batch 2 holds 2 effects
+        distill={"max_steps": 6, "generator_every": 2, "checkpoint_every": 3, "batch_size": 2},  # 2 nodes x 1 item: 2 effects
         kfp={"distill": {"num_nodes": 2, "accelerator_count": 0, "cpu": "2", "checkpoint_mount": str(mount), "timeout_s": 600}},
     )
     run_rollout(params, run / "rollouts", None)

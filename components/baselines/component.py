@@ -8,5 +8,4 @@ def baselines(bank: Input[Dataset], rollouts: Input[Dataset], student: Input[Mod
     from collectionlora.pipeline.task_params import task_params
     from collectionlora.stages import run_baselines
 
-    prompts = Path(student.path) / "prompts.json"
-    run_baselines(task_params(params, bank.path), Path(rollouts.path), prompts, Path(baselines.path))
+    run_baselines(task_params(params, bank.path), Path(rollouts.path), Path(student.path), Path(baselines.path))

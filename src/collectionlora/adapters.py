@@ -15,6 +15,7 @@ teacher slots never get any.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,20 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict
 
-from collectionlora import lorafile
+from collectionlora import lora_forward, lorafile
 from collectionlora.errors import LoraFileError
 
 NONE = "none"
+
+
+def _add_adapter(transformer: torch.nn.Module, config: PeftLoraConfig, name: str) -> None:
+    """diffusers' `add_adapter`, without peft's "Already found a `peft_config` attribute ... multiple
+    adapters" UserWarning. peft warns whenever a model that has an adapter gets another (its tuner sees the
+    model's `peft_config`); several named adapters on one base, exactly one active per forward, is this
+    module's design, so the warning is harmless here and only noise in every distill and evaluate run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        transformer.add_adapter(config, adapter_name=name)
 
 
 @dataclass
@@ -50,6 +61,7 @@ class AdapterSet:
         self.switches = 0  # activations that changed the active adapter (cost accounting)
         self.loads = 0  # teacher weights copied into a slot
         self._base_shapes = lorafile.base_linear_shapes(transformer)
+        self.merged_forward = lora_forward.merged_forward_applies(transformer)  # lora_forward.py: when it applies
 
     # ---- trainable adapters -------------------------------------------------------------------
     def add_trainable(self, name: str, rank: int, alpha: float, targets: list[str], seed: int) -> list[torch.nn.Parameter]:
@@ -58,12 +70,13 @@ class AdapterSet:
         config = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.transformer.add_adapter(config, adapter_name=name)
+            _add_adapter(self.transformer, config, name)
         self._trainable[name] = [p for n, p in self.transformer.named_parameters() if f".{name}." in n]
         for param in self._trainable[name]:  # fp32 master weights, whatever the base dtype (peft casts inputs)
             param.data = param.data.float()
         self._apply(self.active)  # peft activates a newly added adapter; keep the current one
         self._restore_grad_rule()
+        self._route()
         return self._trainable[name]
 
     def lora_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -80,6 +93,7 @@ class AdapterSet:
         self._trainable.pop(name, None)
         self._apply(self.active)
         self._restore_grad_rule()
+        self._route()
 
     # ---- teachers -----------------------------------------------------------------------------
     def add_teacher(self, name: str, path: Path) -> None:
@@ -98,7 +112,7 @@ class AdapterSet:
         ranks = lora.ranks()
         # alpha = rank per module: the slot's scale is 1, each teacher's own alpha/r is folded into B.
         config = lorafile.peft_config_for_ranks(ranks, {m: float(r) for m, r in ranks.items()})
-        self.transformer.add_adapter(config, adapter_name=slot)
+        _add_adapter(self.transformer, config, slot)
         self._apply(self.active)
         params = {}
         for full_name, param in self.transformer.named_parameters():
@@ -107,6 +121,7 @@ class AdapterSet:
                 params[f"{module}.{kind}"] = param
         self._slots[slot] = params
         self._restore_grad_rule()
+        self._route()
 
     def drop_teacher(self, name: str) -> None:
         """Forget a registered teacher (its slot stays for teachers of the same shape)."""
@@ -165,6 +180,11 @@ class AdapterSet:
         self._slot_content[teacher.slot] = name
         self.loads += 1
         return teacher.slot
+
+    def _route(self) -> None:
+        """Adapted linears as one matmul with the merged weight where that applies (lora_forward.py)."""
+        if self.merged_forward:
+            lora_forward.install(self.transformer)
 
     def _restore_grad_rule(self) -> None:
         for params in self._trainable.values():

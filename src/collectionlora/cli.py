@@ -241,28 +241,47 @@ def distill(
 @app.command("edit")
 @one_line_errors
 def edit(
-    effect: Annotated[str, typer.Option(help="Effect id (see OUT/collection.json).")],
     image: Annotated[Path, typer.Option(help="Input image (any size; centre-cropped and resized).")],
     out: Annotated[Path, typer.Option(help="Output PNG.")],
-    then: Annotated[str | None, typer.Option(help="A second effect applied after the first, in the same pass.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps: 8 (trained), 4, 2 or 1.")] = None,
+    effect: Annotated[str | None, typer.Option(help="Effect id (see OUT/collection.json, or the bank manifest for other LoRAs).")] = None,
+    then: Annotated[str | None, typer.Option(help="A second effect applied after the first, in the same pass (the student).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Sampling steps: few-step 8 (trained), 4, 2 or 1; the teacher sampler's default is sampling.teacher_steps.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    collection: Annotated[Path, typer.Option(help="Collection folder.")] = Path("artifacts/student"),
-    base: Annotated[Path | None, typer.Option(help="Base pipeline folder (default: the one in collection.json).")] = None,
+    collection: Annotated[Path, typer.Option(help="Collection folder (for --lora student).")] = Path("artifacts/student"),
+    base: Annotated[Path | None, typer.Option(help="Base pipeline folder (default: the one in collection.json, or the bank's).")] = None,
+    lora: Annotated[
+        str,
+        typer.Option(
+            help="What to apply: 'student' (the collection), 'teacher' (the effect's teacher), 'acceleration' (the bank's "
+            "few-step LoRA), or any LoRA .safetensors file or its folder (a baseline, a teacher you trained)."
+        ),
+    ] = "student",
+    prompt: Annotated[str | None, typer.Option(help="The instruction (default: the effect's student prompt, or its teacher prompt for other LoRAs).")] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="'teacher' (many steps with CFG, per params sampling) or 'few-step' (default: few-step for the student, the acceleration LoRA and --accelerate).")
+    ] = None,
+    accelerate: Annotated[bool, typer.Option(help="Stack the bank's acceleration LoRA on --lora (as the cascade and baselines are evaluated).")] = False,
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """Apply an effect of the collection with the single student LoRA (no routing, no LoRA switching)."""
+    """Apply an effect of the collection with the single student LoRA (no routing, no LoRA switching), or
+    try any other LoRA on the bank's base: `--lora teacher --effect ID` samples that teacher as it is
+    meant to be (teacher prompt, sampling.teacher_steps with CFG); add `--accelerate` for the cascade."""
     from collectionlora.edit import run_edit
 
-    typer.echo(f"wrote {run_edit(params_from(params, set_), collection, effect, image, out, steps, then, seed, base)}")
+    loaded = params_from(params, set_)
+    typer.echo(f"wrote {run_edit(loaded, collection, effect, image, out, steps, then, seed, base, lora, prompt, sampler, accelerate)}")
 
 
 @app.command("baselines")
 @one_line_errors
 def baselines(
     rollouts: Annotated[Path, typer.Option(help="Rollout folder (from `collectionlora rollout`).")] = Path("artifacts/rollouts"),
-    prompts: Annotated[Path, typer.Option(help="The student prompts: a distill run's prompts.json.")] = Path("artifacts/student/prompts.json"),
+    student: Annotated[
+        Path, typer.Option(help="A distill output: its prompts.json (the student prompts) and, with fm_all_in_one.source anchor, its anchor/.")
+    ] = Path("artifacts/student"),
     out: Annotated[Path, typer.Option(help="Folder for the baseline LoRAs and baselines.json.")] = Path("artifacts/baselines"),
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
@@ -270,9 +289,10 @@ def baselines(
     """Build the alternatives the student is compared with: FM all-in-1 and the PEFT merges of the teachers."""
     from collectionlora.stages import run_baselines
 
-    report = run_baselines(params_from(params, set_), rollouts, prompts, out)
+    report = run_baselines(params_from(params, set_), rollouts, student, out)
     fm = report["fm_all_in_one"]
-    typer.echo(f"FM all-in-1: {fm['steps']} steps in {fm['seconds']:.0f} s; merges: {', '.join(report['merges'])} -> {out}")
+    origin = f"the anchored student ({fm['steps']} TA-FM steps)" if fm["source"] == "anchor" else f"{fm['steps']} steps in {fm['seconds']:.0f} s"
+    typer.echo(f"FM all-in-1: {origin}; merges: {', '.join(report['merges'])} -> {out}")
 
 
 @app.command("evaluate")

@@ -178,7 +178,7 @@ class PromptingConfig(Section):
 
 
 class DistillConfig(Section):
-    """Multi-teacher on-policy distillation (PDSR + AOP + C2F-DO); METHOD.md sections 2-5."""
+    """Multi-teacher on-policy distillation (PDSR + AOP + C2F-DO); docs/method.md sections 2-5."""
 
     rank: int = Field(ge=1)  # student and critic LoRAs
     alpha: float = Field(gt=0)
@@ -188,10 +188,13 @@ class DistillConfig(Section):
     # start; 0 = the paper (every term from the first step)
     anchor_steps: int = Field(ge=0)
     generator_every: int = Field(ge=1)  # generator update when step % generator_every == 0
-    batch_size: int = Field(ge=1)  # per process
-    # effects in one effect-stream step, each on its share of the global batch (batch_size x processes,
-    # which must hold them), one teacher call per effect; the reference gets several from its
-    # one-effect-per-GPU ranks; 1 = one effect per step
+    batch_size: int = Field(ge=1)  # items per step over all processes (each process takes an equal share)
+    # data-parallel processes on this machine (distill/launch.py): on a CPU they split base.threads,
+    # on CUDA each takes a GPU; under torchrun or a TrainJob the launcher's world size applies instead
+    processes: int = Field(ge=1)
+    # effects in one effect-stream step, each on its share of the global batch (which must hold them),
+    # one teacher call per effect; the reference gets several from its one-effect-per-GPU ranks;
+    # 1 = one effect per step
     effects_per_batch: int = Field(ge=1)
     lr: float = Field(gt=0)
     critic_lr: float = Field(gt=0)
@@ -243,6 +246,9 @@ class FmAllInOneConfig(Section):
     """The "FM all-in-1" baseline: one LoRA fitted by flow matching to every teacher target with the student
     prompts (no DMD, no few-step training), sampled with the acceleration LoRA stacked on it."""
 
+    # anchor: the distillation's anchor phase IS that fit (TA-FM alone, distill.anchor_steps x batch_size
+    # rows): take its LoRA instead of training the same thing twice; train: fit it here with the fields below
+    source: Literal["anchor", "train"]
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
@@ -328,7 +334,7 @@ class MllmJudgeConfig(Section):
 
 
 class EvalPluginsConfig(Section):
-    """Real-model metrics of METHOD.md 8.2: CLIP and DINO image similarity, and the BCR/VSA MLLM judge."""
+    """Real-model metrics of docs/method.md 8.2: CLIP and DINO image similarity, and the BCR/VSA MLLM judge."""
 
     device: str  # where the CLIP and DINO models run: cpu | cuda | cuda:N
     batch_size: int = Field(ge=1)  # images per CLIP or DINO forward
@@ -474,3 +480,11 @@ def merge(base: dict, extra: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def write_params(params: Params, path: Path) -> Path:
+    """params as a params.yaml, for commands started in another process (torchrun, a TrainJob)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return path

@@ -41,6 +41,7 @@ from collectionlora.evaluate.judge import (
     train_judge,
 )
 from collectionlora.images import load_png, quantize, save_png
+from collectionlora.lorafile import ordinary_permissions
 from collectionlora.models.backbone import Backbone
 from collectionlora.models.tiny import build_tiny_pipeline
 from collectionlora.sampling import sample_teacher
@@ -260,6 +261,7 @@ def _publish(staging: Path, out: Path, passed: list[EffectVerdict]) -> None:
     for verdict in passed:
         for part in ("teacher", "pairs"):
             shutil.copytree(staging / "effects" / verdict.id / part, fresh / "effects" / verdict.id / part)
+    ordinary_permissions(fresh)  # save_pretrained's safetensors files are 0600
     if out.exists():
         shutil.rmtree(out)
     os.replace(fresh, out)

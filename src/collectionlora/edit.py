@@ -1,26 +1,34 @@
 """Apply one effect (or two in a row) of a trained collection to an image: the student alone, no
-routing, no LoRA switching, 8 (or 4, 2, 1) transformer forwards.
+routing, no LoRA switching, 8 (or 4, 2, 1) transformer forwards. Or try any other LoRA on the bank's
+base before (or instead of) distilling: an effect's teacher, the acceleration LoRA, a baseline, any file.
 
 `CollectionEditor` is the one implementation behind `collectionlora edit` and the registry's pyfunc
-model, so a registered model edits exactly as the command line does."""
+model, so a registered model edits exactly as the command line does. Other LoRAs are sampled by the
+evaluation's own code (`evaluate.methods`, `evaluate.evaluation.edit`), so what `edit` shows of a
+teacher or a cascade is what `evaluate` scores."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
 from collectionlora.adapters import AdapterSet
-from collectionlora.bank import file_sha256
+from collectionlora.bank import Bank, Effect, file_sha256, open_bank
 from collectionlora.config import BaseConfig, Params, SamplingConfig
 from collectionlora.distill.export import COLLECTION, LORA_WEIGHTS, read_collection
 from collectionlora.distill.prompting import PromptPlan, compose_prompt
 from collectionlora.errors import CollectionLoraError
 from collectionlora.images import load_image_fitted, save_png
+from collectionlora.lorafile import base_linear_shapes, read_lora, refuse_pickle
 from collectionlora.models.backbone import Backbone
 from collectionlora.sampling import sample_student, student_timesteps
 
 COLLECTION_ADAPTER = "collection"
+# What `edit --lora` applies besides a file path, and the two samplers (sampling.py).
+STUDENT, TEACHER, ACCELERATION = "student", "teacher", "acceleration"
+TEACHER_SAMPLER, FEW_STEP_SAMPLER = "teacher", "few-step"
 
 
 def student_prompt_for(collection: Path, record: dict, effect: str, then: str | None) -> str:
@@ -32,6 +40,21 @@ def student_prompt_for(collection: Path, record: dict, effect: str, then: str | 
             raise CollectionLoraError(f"{Path(collection) / COLLECTION}: prompts.effects: no effect '{name}' (known: {', '.join(known)})")
     prompt = plan.student(effect)
     return compose_prompt(prompt, plan.student(then)) if then else prompt
+
+
+def recorded_base(collection: Path, record: dict) -> Path | None:
+    """The base folder collection.json names. distill records it relative to the collection folder, so
+    `edit` works from any working directory and the file holds no path of the machine that wrote it."""
+    recorded = record["base"].get("path")
+    if recorded is None:
+        return None
+    folder = Path(collection) / recorded
+    if not (folder / "model_index.json").is_file():
+        raise CollectionLoraError(
+            f"{Path(collection) / COLLECTION}: base.path: {folder} is not a diffusers pipeline folder "
+            "(the path is relative to the collection folder; pass --base)"
+        )
+    return folder
 
 
 def check_collection_files(collection: Path, record: dict, lora: Path) -> None:
@@ -55,8 +78,9 @@ class CollectionEditor:
         self.record = read_collection(self.collection)
         lora = Path(lora) if lora is not None else self.collection / LORA_WEIGHTS
         check_collection_files(self.collection, self.record, lora)
-        recorded = self.record["base"]["path"]
-        self.backbone = Backbone.load(base, base_path or (Path(recorded) if recorded else None))
+        if base_path is None and base.is_embedded:
+            base_path = recorded_base(self.collection, self.record)
+        self.backbone = Backbone.load(base, base_path)
         self.adapters = AdapterSet(self.backbone.transformer)
         self.adapters.add_teacher(COLLECTION_ADAPTER, lora)
         self.adapters.activate(COLLECTION_ADAPTER)
@@ -84,17 +108,112 @@ class CollectionEditor:
 def run_edit(
     params: Params,
     collection: Path,
-    effect: str,
+    effect: str | None,
     image: Path,
     out: Path,
     steps: int | None = None,
     then: str | None = None,
     seed: int = 0,
     base: Path | None = None,
+    lora: str = STUDENT,
+    prompt: str | None = None,
+    sampler: str | None = None,
+    accelerate: bool = False,
 ) -> Path:
-    """Edit `image` with the collection's student; `steps` defaults to the trained step list."""
-    prompt = student_prompt_for(collection, read_collection(collection), effect, then)  # before loading the base
+    """Edit `image` with the collection's student (`lora` "student", `steps` defaulting to the trained
+    step list) or with another LoRA on the bank's base (see `run_lora_edit`); writes the PNG `out`."""
+    check_edit_options(lora, effect, prompt, then, sampler, accelerate, Path(out))
+    if lora != STUDENT:
+        return run_lora_edit(params, lora, effect, image, out, prompt, steps, seed, base, sampler, accelerate)
+    if prompt is None:  # before loading the base
+        prompt = student_prompt_for(collection, read_collection(collection), effect, then)
     editor = CollectionEditor(collection, params.base, params.sampling, base)
     source = load_image_fitted(Path(image), editor.backbone.resolution)
     save_png(editor.edit(source, prompt, steps, seed), Path(out))
     return Path(out)
+
+
+def check_edit_options(lora: str, effect: str | None, prompt: str | None, then: str | None, sampler: str | None, accelerate: bool, out: Path) -> None:
+    """Contradictory or missing options are one line before anything is loaded."""
+    if effect is None and prompt is None:
+        raise CollectionLoraError("edit: give --effect (an effect id) or --prompt (an instruction)")
+    if prompt is not None and not prompt.strip():
+        raise CollectionLoraError("edit: --prompt is empty")
+    if effect is not None and prompt is not None and lora != TEACHER:
+        raise CollectionLoraError("edit: give --effect or --prompt, not both (both only with --lora teacher: that teacher, your prompt)")
+    if then is not None and (lora != STUDENT or prompt is not None):
+        raise CollectionLoraError("edit: --then composes two of the collection's effects; it needs --lora student and no --prompt")
+    if lora == TEACHER and effect is None:
+        raise CollectionLoraError("edit: --lora teacher needs --effect (whose teacher)")
+    if sampler not in (None, TEACHER_SAMPLER, FEW_STEP_SAMPLER):
+        raise CollectionLoraError(f"edit: --sampler: '{sampler}' is neither '{TEACHER_SAMPLER}' nor '{FEW_STEP_SAMPLER}'")
+    if lora == STUDENT and (accelerate or sampler == TEACHER_SAMPLER):
+        raise CollectionLoraError("edit: the student samples in few steps by itself; --accelerate and --sampler teacher apply to other LoRAs")
+    if lora == ACCELERATION and accelerate:
+        raise CollectionLoraError("edit: --accelerate stacks the acceleration LoRA on another LoRA; --lora acceleration applies it alone")
+    if out.is_dir():
+        raise CollectionLoraError(f"{out}: is a folder; --out names the PNG to write")
+
+
+def run_lora_edit(
+    params: Params,
+    lora: str,
+    effect: str | None,
+    image: Path,
+    out: Path,
+    prompt: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    base: Path | None = None,
+    sampler: str | None = None,
+    accelerate: bool = False,
+) -> Path:
+    """Edit `image` with one LoRA on the bank's base (`lora`: "teacher" = `effect`'s teacher, "acceleration"
+    = the bank's few-step LoRA, else a LoRA file or a folder holding one), prompted by `prompt` or else the
+    effect's teacher prompt. With `accelerate` the bank's acceleration LoRA is stacked on it, as the
+    evaluation's cascade and baselines are. The teacher sampler (sampling.teacher_steps Euler steps with
+    CFG; `steps` overrides the count) is the default, the few-step one (the student's step list, or
+    `steps` of it) for the acceleration LoRA and stacks."""
+    # the evaluation's code, imported here: the registry's model imports this module for the student only
+    from collectionlora.evaluate.evaluation import edit as sample_method
+    from collectionlora.evaluate.methods import Method, acceleration_lora, write_stacked
+
+    bank = open_bank(params.bank)
+    chosen = bank.effect(effect) if effect is not None else None
+    path = lora_file(bank, lora, chosen)
+    stack = acceleration_lora(bank, "which --accelerate stacks (train one with `collectionlora acceleration train`)") if accelerate else None
+    few_step = (sampler or (FEW_STEP_SAMPLER if accelerate or lora == ACCELERATION else TEACHER_SAMPLER)) == FEW_STEP_SAMPLER
+    sampling = params.sampling if few_step or steps is None else params.sampling.model_copy(update={"teacher_steps": steps})
+    key = chosen.id if chosen is not None else "prompt"
+    source = load_image_fitted(Path(image), params.base.resolution)  # before loading the base
+    backbone = Backbone.load(params.base, base or bank.base_dir)
+    adapters = AdapterSet(backbone.transformer)
+    with tempfile.TemporaryDirectory(prefix="collectionlora-edit-") as work:
+        if stack is not None:
+            shapes = base_linear_shapes(backbone.transformer)
+            path = write_stacked(read_lora(path, shapes), read_lora(stack, shapes), Path(work) / "stacked.safetensors")
+        adapters.add_teacher(key, path)
+        timesteps = student_timesteps(sampling, steps) if few_step else None
+        nfe = len(timesteps) if timesteps else sampling.teacher_steps * (2 if sampling.teacher_cfg_scale != 1.0 else 1)
+        method = Method(lora, f"edit --lora {lora}", backbone, adapters, {key: key}, {key: chosen.prompt if prompt is None else prompt}, timesteps, nfe)
+        edited = sample_method(method, key, source[None], [seed], sampling)[0]
+    save_png(edited, Path(out))
+    return Path(out)
+
+
+def lora_file(bank: Bank, lora: str, effect: Effect | None) -> Path:
+    """The file `--lora` names: `effect`'s teacher, the bank's acceleration LoRA, or a path (a folder
+    stands for the pytorch_lora_weights.safetensors in it, as `teachers train --out` writes)."""
+    if lora == TEACHER:
+        return effect.teacher
+    if lora == ACCELERATION:
+        from collectionlora.evaluate.methods import acceleration_lora
+
+        return acceleration_lora(bank, "which --lora acceleration applies (train one with `collectionlora acceleration train`)")
+    path = Path(lora)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS
+    if not path.is_file():
+        raise CollectionLoraError(f"{path}: no such LoRA file (--lora takes {STUDENT}, {TEACHER}, {ACCELERATION} or a .safetensors file or its folder)")
+    refuse_pickle(path)  # before loading the base; the rest of the file is checked against it
+    return path

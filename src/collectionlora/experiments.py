@@ -138,14 +138,16 @@ def run_scaling(params: Params, manifest: Path, rollouts: Path, out: Path, sizes
         run_rollout(sized, rollouts, None)
         student = distilled(sized, rollouts, folder / "student")
         if not (folder / "baselines" / "baselines.json").is_file():
-            run_baselines(sized, rollouts, student / "prompts.json", folder / "baselines")
+            run_baselines(sized, rollouts, student, folder / "baselines")
         metrics = evaluated(sized, student, folder / "baselines", folder / "eval")
         columns[size] = {method: _row(metrics, method) for method in labels}
     lines = ["| method | " + " | ".join(f"{n} effects" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for method, label in labels.items():
         cells = [f"{columns[n][method]['judge_accuracy']:.3f} / {columns[n][method]['bcr']:.3f}" for n in sizes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    budget = f"{params.distill.max_steps} distillation iterations, FM all-in-1 {params.baselines.fm_all_in_one.steps} steps"
+    fm = params.baselines.fm_all_in_one
+    fm_budget = "the student's anchor phase" if fm.source == "anchor" else f"{fm.steps} steps"
+    budget = f"{params.distill.anchor_steps} anchor steps + {params.distill.max_steps} distillation iterations, FM all-in-1 {fm_budget}"
     table = f"# Scaling (Table 4): judge accuracy ↑ / BCR ↓, the same budget at every size ({budget})\n\n" + "\n".join(lines) + "\n"
     result = {
         "sizes": sizes, "manifest": str(manifest), "methods": columns,

@@ -52,7 +52,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     backbone.transformer.train()
     losses = []
-    with tqdm(range(steps), desc=description, leave=False, mininterval=2.0) as bar:
+    with tqdm(range(steps), desc=description, leave=None, mininterval=2.0) as bar:  # None: kept unless nested (demo-bank teachers)
         for _ in bar:
             loss = flow_matching_loss(backbone, next_batch(generator), generator)
             optimizer.zero_grad(set_to_none=True)

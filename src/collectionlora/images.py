@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from collectionlora.errors import BankError
 
@@ -95,3 +95,34 @@ def grid(rows: list[list[torch.Tensor]], pad: int = 2, scale: int = 1) -> torch.
             top, left = pad + i * (height + pad), pad + j * (width + pad)
             canvas[:, top : top + height, left : left + width] = image.clamp(0, 1)
     return canvas
+
+
+def labelled_grid(rows: list[list[torch.Tensor]], row_labels: list[str], column_labels: list[str], pad: int = 2, scale: int = 1) -> torch.Tensor:
+    """`grid` with a label left of each row and above each column (Pillow's built-in bitmap font, the same
+    pixels everywhere), so that a figure says what each tile is. A label wider than its column is cut."""
+    if len(row_labels) != len(rows) or len(column_labels) != max(len(r) for r in rows):
+        raise ValueError(f"labelled_grid: {len(row_labels)} row and {len(column_labels)} column labels for a {len(rows)}-row grid")
+    body = to_pil(grid(rows, pad, scale))
+    tile_height, tile_width = (side * scale for side in rows[0][0].shape[-2:])
+    font = ImageFont.load_default_imagefont()
+    draw = ImageDraw.Draw(body)
+
+    def width(text: str) -> int:
+        return int(draw.textlength(text, font=font))
+
+    def fitted(text: str) -> str:
+        while text and width(text) > tile_width:
+            text = text[:-3] + ".." if len(text) > 3 else ""
+        return text
+
+    line = max(font.getbbox(text)[3] for text in [*row_labels, *column_labels, "Ag"])
+    left, top = max(width(text) for text in row_labels) + 2 * pad, line + 2 * pad
+    canvas = Image.new("RGB", (body.width + left, body.height + top), "white")
+    canvas.paste(body, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(column_labels):
+        text = fitted(text)
+        draw.text((left + pad + j * (tile_width + pad) + (tile_width - width(text)) // 2, pad), text, fill="black", font=font)
+    for i, text in enumerate(row_labels):
+        draw.text((pad, top + pad + i * (tile_height + pad) + (tile_height - line) // 2), text, fill="black", font=font)
+    return from_pil(canvas)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -421,7 +422,7 @@ def write_lora(weights: LoraWeights, path: Path, layout: WriteLayout) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
         _sort_metadata(tmp)
         if layout == "peft":
             atomic_write_text(path.parent / ADAPTER_CONFIG, json.dumps(_config_dict(weights), indent=2, sort_keys=True))
@@ -444,6 +445,29 @@ def _sort_metadata(path: Path) -> None:
             return
         handle.seek(8)
         handle.write(text + b" " * (size - len(text)))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, but with the mode of every other file we write (see `ordinary_permissions`)."""
+    save_file(tensors, str(path), metadata=metadata)
+    ordinary_permissions(path)
+
+
+def ordinary_permissions(path: Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the mode an ordinary new file (0666) or
+    folder (0777) gets under the umask. safetensors' `save_file` writes through a private temp file and
+    keeps its 0600, `tempfile.mkdtemp` makes 0700 folders: artifacts others cannot read (DVC remotes,
+    a shared store), unlike the 0644 files beside them."""
+    path = Path(path)
+    mask = os.umask(0o077)  # Python reads the umask only by setting it; 0o077 is the safe value for that instant
+    os.umask(mask)
+    for target in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if target.is_symlink():
+            continue
+        if target.is_dir():  # keep a folder's setgid bit (group-shared trees)
+            os.chmod(target, (0o777 & ~mask) | (stat.S_IMODE(target.stat().st_mode) & stat.S_ISGID))
+        else:
+            os.chmod(target, 0o666 & ~mask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

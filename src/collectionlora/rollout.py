@@ -1,5 +1,5 @@
 """Teacher targets y for every (effect, training source): base + that effect's LoRA, teacher prompt,
-many Euler steps with CFG (the paper's "Base" targets, METHOD.md 7.2).
+many Euler steps with CFG (the paper's "Base" targets, docs/method.md 7.2).
 
 The cache is content-addressed: a target's file name is the sha256 of everything it depends on (the
 base, the teacher file, the source image, the prompt, the sampler settings and the seed), so adding
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from collectionlora.adapters import NONE, AdapterSet
 from collectionlora.bank import Bank, Effect, file_sha256, tree_hashes
@@ -100,10 +101,10 @@ def generate_rollouts(
     started = time.perf_counter()
     fingerprint = base_hash(bank)
     adapters = AdapterSet(backbone.transformer)
-    per_effect = {
-        effect.id: _roll_effect(backbone, adapters, bank, effect, fingerprint, base, sampling, rollout, out)
-        for effect in effects
-    }
+    plans = [_plan_effect(bank, effect, fingerprint, base, sampling, rollout, out) for effect in effects]
+    # one bar over the targets still to sample (cached ones take no time and would skew its estimate)
+    with tqdm(total=sum(len(plan.misses) for plan in plans), desc="rollout", unit="target", mininterval=2.0) as bar:
+        per_effect = {plan.effect.id: _roll_effect(backbone, adapters, bank, plan, sampling, rollout, out, bar) for plan in plans}
     _write_combined_index(bank, out)
     report = {
         "bank": bank.name,
@@ -129,21 +130,23 @@ def load_rollouts(out: Path, bank: Bank, effect_ids: list[str]) -> dict[str, Eff
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def _roll_effect(
-    backbone: Backbone,
-    adapters: AdapterSet,
-    bank: Bank,
-    effect: Effect,
-    fingerprint: BaseHash,
-    base: BaseConfig,
-    sampling: SamplingConfig,
-    rollout: RolloutConfig,
-    out: Path,
-) -> dict:
+@dataclass
+class _EffectPlan:
+    """An effect's targets: index records, key -> (source row, seed), the keys not yet on disk."""
+
+    effect: Effect
+    records: list[dict]
+    rows: dict[str, tuple[int, int]]
+    misses: list[str]
+    seconds: float
+
+
+def _plan_effect(
+    bank: Bank, effect: Effect, fingerprint: BaseHash, base: BaseConfig, sampling: SamplingConfig, rollout: RolloutConfig, out: Path
+) -> _EffectPlan:
     started = time.perf_counter()
     folder = out / effect.id
     teacher = teacher_sha256(effect)
-    sources = bank.load_pairs(effect)[0]
     settings = {
         "teacher_steps": sampling.teacher_steps,
         "teacher_cfg_scale": sampling.teacher_cfg_scale,
@@ -184,7 +187,17 @@ def _roll_effect(
             })
 
     misses = [key for key in rows if not (folder / f"{key}.png").is_file()]
+    return _EffectPlan(effect, records, rows, misses, time.perf_counter() - started)
+
+
+def _roll_effect(
+    backbone: Backbone, adapters: AdapterSet, bank: Bank, plan: _EffectPlan, sampling: SamplingConfig, rollout: RolloutConfig, out: Path, bar: tqdm
+) -> dict:
+    started = time.perf_counter() - plan.seconds
+    effect, records, rows, misses = plan.effect, plan.records, plan.rows, plan.misses
+    folder = out / effect.id
     if misses:
+        sources = bank.load_pairs(effect)[0]
         adapters.add_teacher(effect.id, effect.teacher)
         adapters.activate(effect.id)
         for start in range(0, len(misses), rollout.batch_size):
@@ -194,6 +207,7 @@ def _roll_effect(
             images = sample_teacher(backbone, picked, [effect.prompt] * len(batch), seeds, sampling).images
             for key, image in zip(batch, images):
                 _save_png_atomic(image, folder / f"{key}.png")
+            bar.update(len(batch))
         adapters.activate(NONE)
         adapters.drop_teacher(effect.id)
 

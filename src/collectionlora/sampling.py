@@ -1,6 +1,6 @@
 """Flow-matching time utilities and the two samplers every stage uses.
 
-Time convention (METHOD.md 2.1): timesteps t in (0, 1000], noise level sigma = t / 1000,
+Time convention (docs/method.md 2.1): timesteps t in (0, 1000], noise level sigma = t / 1000,
 x_t = (1 - sigma) x0 + sigma * noise. The shift S(t) = 1000 * s*u / (1 + (s-1)*u), u = t/1000.
 
 - Teacher: Euler over N shifted steps with classifier-free guidance: 2N transformer forwards (NFE)
@@ -48,6 +48,12 @@ def student_timesteps(config: SamplingConfig, steps: int | None = None) -> list[
         grid = [1000.0 * (1 - k / steps) for k in range(steps)]
         values = [float(shift_timestep(t, config.shift)) for t in grid]
     return [float(int(t)) for t in values] if config.truncate_timesteps else values
+
+
+def student_sigmas(timesteps: Sequence[float]) -> list[float]:
+    """The noise levels of a student step list (sigma = t / 1000): what `sample_student` visits, and the
+    `sigmas=` a stock diffusers call is given to visit the same ones."""
+    return [float(t) / 1000.0 for t in timesteps]
 
 
 @dataclass
@@ -107,7 +113,7 @@ def sample_student(
     text = backbone.encode_prompts(prompts, sources)
     generators = item_generators(seeds)
     x = draw_noise(backbone, condition, generators)
-    sigmas = [t / 1000.0 for t in timesteps]
+    sigmas = student_sigmas(timesteps)
     for i, sigma in enumerate(sigmas):
         level = torch.full((x.shape[0],), sigma)
         x0 = backbone.predict_x0(x, level, backbone.velocity(x, level, condition, text))

@@ -113,24 +113,30 @@ def run_acceleration_train(params: Params, out: Path) -> Path:
 
 
 def run_distill(params: Params, rollouts: Path, out: Path, resume: bool = False, warm_start: Path | None = None) -> dict:
-    """Distil the bank's teachers (from their rollouts) into one student LoRA; see distill/run.py."""
+    """Distil the bank's teachers (from their rollouts) into one student LoRA; see distill/run.py.
+    With `distill.processes` > 1 the run goes to that many torchrun workers (distill/launch.py)."""
+    from collectionlora.distill import launch
     from collectionlora.distill.run import distill_collection
 
+    if launch.needs_launch(params):
+        return launch.launch(params, rollouts, out, resume, warm_start)
     return distill_collection(params, rollouts, out, resume, warm_start)
 
 
-def run_baselines(params: Params, rollouts: Path, prompts: Path, out: Path) -> dict:
-    """The alternatives to the student (FM all-in-1 on the rollouts with the student prompts of `prompts`,
-    a distill run's prompts.json; PEFT merges of the teachers) into `out`; see evaluate/baselines.py."""
+def run_baselines(params: Params, rollouts: Path, student: Path, out: Path) -> dict:
+    """The alternatives to the student (FM all-in-1 with the student prompts of `student`/prompts.json, a
+    distill output, taken from its anchor/ or trained on the rollouts; PEFT merges of the teachers) into
+    `out`; see evaluate/baselines.py."""
+    from collectionlora.distill.export import PROMPTS
     from collectionlora.distill.prompting import read_prompt_plan
     from collectionlora.evaluate.baselines import write_baselines
     from collectionlora.rollout import load_rollouts
 
     bank = open_bank(params.bank)
-    plan = read_prompt_plan(Path(prompts), [e.id for e in bank.effects])
+    plan = read_prompt_plan(Path(student) / PROMPTS, [e.id for e in bank.effects])
     targets = load_rollouts(Path(rollouts), bank, [e.id for e in bank.effects])
     backbone = Backbone.load(params.base, bank.base_dir)
-    return write_baselines(params, backbone, bank, targets, plan, Path(out))
+    return write_baselines(params, backbone, bank, targets, plan, Path(student), Path(out))
 
 
 def run_evaluate(params: Params, collection: Path, baselines: Path | None, out: Path, params_file: Path = Path("params.yaml")) -> dict:

@@ -19,6 +19,7 @@ from diffusers import QwenImageEditPlusPipeline
 from collectionlora.adapters import AdapterSet
 from collectionlora.config import LoraConfig, SamplingConfig
 from collectionlora.flowmatch import fit, pair_batches
+from collectionlora.lorafile import ordinary_permissions
 from collectionlora.models.backbone import DTYPES, Backbone
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -69,6 +70,7 @@ def save_teacher(weights: dict[str, torch.Tensor], peft_config: dict, out_dir: P
     )
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
     (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    ordinary_permissions(staging)
     if out_dir.exists():
         for stale in out_dir.iterdir():
             stale.unlink()

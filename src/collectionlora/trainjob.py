@@ -62,6 +62,7 @@ from kubeflow.trainer.options import (
 from kubeflow_trainer_api import models
 
 from collectionlora.config import Params
+from collectionlora.distill.launch import distill_arguments
 from collectionlora.errors import CollectionLoraError, ConfigError
 
 NODE = trainer_constants.NODE  # the runtime's trainer replicated job and its container
@@ -87,8 +88,6 @@ def processes_per_node(params: Params) -> int:
 def distill_command(params_file: Path, rollouts: Path, out: Path, processes: int, resume: bool) -> list[str]:
     """The command every node runs. torchrun takes nodes, node rank and master from the runtime's
     PET_* environment, so one command serves every node."""
-    from collectionlora.pipeline.distill_task import distill_arguments  # (it imports this module lazily)
-
     return ["torchrun", f"--nproc-per-node={processes}", "--no-python", "collectionlora", *distill_arguments(params_file, rollouts, out, resume)]
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from collectionlora.errors import CollectionLoraError
+from collectionlora.lorafile import ordinary_permissions
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
@@ -83,6 +84,7 @@ def save_checkpoint(folder: Path, state: TrainState, fingerprint: dict, tensors:
     save_file({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS)
     record = {"state": asdict(state), "fingerprint": fingerprint}
     (staging / STATE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    ordinary_permissions(staging)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)

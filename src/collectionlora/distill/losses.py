@@ -1,4 +1,4 @@
-"""The C2F-DO loss terms and the critic's loss, as pure functions of tensors (METHOD.md 5.1-5.6).
+"""The C2F-DO loss terms and the critic's loss, as pure functions of tensors (docs/method.md 5.1-5.6).
 
 Conventions: packed latents [B, tokens, channels]; sigma = t / 1000 per item; x_t = (1 - sigma) x0
 + sigma * noise; networks predict the velocity v = noise - x0, so x0 = x_t - sigma * v.
@@ -24,7 +24,7 @@ def dmd_gradient(x: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) 
 
 
 def dmd_loss(x: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
-    """0.5 * mean((x - stopgrad(x - g))^2): its gradient with respect to x is g / numel (METHOD.md 5.1)."""
+    """0.5 * mean((x - stopgrad(x - g))^2): its gradient with respect to x is g / numel (docs/method.md 5.1)."""
     gradient = dmd_gradient(x, fake_x0, real_x0)
     x64 = x.double()
     target = (x64 - gradient).detach()

@@ -1,4 +1,4 @@
-"""Asymmetric Orthogonal Prompting (AOP, METHOD.md 4): each teacher keeps its own prompt, the student
+"""Asymmetric Orthogonal Prompting (AOP, docs/method.md 4): each teacher keeps its own prompt, the student
 sees `<trigger> caption`.
 
 The reference makes triggers orthogonal only lexically (a random string per effect). Here each effect
@@ -168,7 +168,7 @@ def template_caption(teacher_prompt: str) -> str:
 
 
 def compose_prompt(first: str, then: str) -> str:
-    """Zero-shot composition A then B (METHOD.md 6.3): two full student prompts in the paper's template."""
+    """Zero-shot composition A then B (docs/method.md 6.3): two full student prompts in the paper's template."""
     return f"Please apply {first.rstrip(' .')} to the input image, and then apply {then.rstrip(' .')}."
 
 

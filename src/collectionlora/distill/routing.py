@@ -1,4 +1,4 @@
-"""Probabilistic Dual-Stream Routing (PDSR, METHOD.md 3).
+"""Probabilistic Dual-Stream Routing (PDSR, docs/method.md 3).
 
 Each step trains on the effect stream (a teacher effect LoRA, its targets, C2F-DO) with probability
 p_switch, else on the general stream (the frozen base as teacher, general images, BS-DMD only).

@@ -22,6 +22,7 @@ from collectionlora.adapters import AdapterSet
 from collectionlora.bank import Bank, file_sha256, open_bank, tree_hashes
 from collectionlora.config import DistillConfig, Params
 from collectionlora.distill import export
+from collectionlora.distill.export import PROMPTS
 from collectionlora.distill.checkpoint import (
     CheckpointError,
     check_fingerprint,
@@ -55,7 +56,6 @@ from collectionlora.sampling import sample_student, student_timesteps
 from collectionlora.tracking import RunLogger
 
 CHECKPOINTS = "checkpoints"
-PROMPTS = "prompts.json"
 METRICS = "metrics.json"
 HISTORY = "metrics.jsonl"
 LOSSES = "losses.json"  # the loss columns of HISTORY as one JSON list: `dvc plots` reads no JSONL
@@ -78,6 +78,15 @@ def distill_collection(
         return _distill(params, Path(rollouts), Path(out), resume, warm_start, world, device)
     finally:
         close_world(world)
+
+
+def check_start(out: Path, resume: bool) -> list[Path]:
+    """`out`'s checkpoints; an error when some exist and this is not a resume (the launcher checks it
+    too, before starting workers that would each report it)."""
+    checkpoints = list_checkpoints(Path(out) / CHECKPOINTS)
+    if checkpoints and not resume:
+        raise CheckpointError(f"{Path(out) / CHECKPOINTS}: checkpoints of an earlier run exist; pass --resume to continue it, or remove {out}")
+    return checkpoints
 
 
 def auto_resume(params: Params, rollouts: Path, out: Path, warm_start: Path | None = None) -> bool:
@@ -125,14 +134,13 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
         params = params.model_copy(update={"distill": params.distill.model_copy(update={"anchor_steps": 0})})
     config = params.distill
     bank = open_bank(params.bank)
-    checkpoints = list_checkpoints(out / CHECKPOINTS)
-    if checkpoints and not resume:
-        raise CheckpointError(f"{out / CHECKPOINTS}: checkpoints of an earlier run exist; pass --resume to continue it, or remove {out}")
+    checkpoints = check_start(out, resume)
     if not checkpoints and world.is_main:
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CHECKPOINTS / INPUTS, json.dumps(inputs, indent=2) + "\n")
 
-    backbone = Backbone.load(params.base.model_copy(update={"device": device}), bank.base_dir)
+    threads = params.base.threads if device.startswith("cuda") else max(1, params.base.threads // world.size)  # launch.py
+    backbone = Backbone.load(params.base.model_copy(update={"device": device, "threads": threads}), bank.base_dir)
     adapters = AdapterSet(backbone.transformer)
     old_record = export.read_collection(warm_start) if warm_start else None
     old_effects = [e["effect"] for e in old_record["prompts"]["effects"]] if old_record else []
@@ -268,26 +276,35 @@ def _train(distiller: Distiller, max_steps: int, config: DistillConfig, out: Pat
     state = distiller.state
     in_sync = True
     last_window: dict[str, float] = {}
-    with tqdm(total=max_steps, initial=state.step, desc="distill", disable=not world.is_main, mininterval=2.0) as bar:
-        while state.step < max_steps:
-            log = distiller.step()
-            for name, value in log.losses.items():
-                window[name].append(value)
-            bar.update(1)
-            done = state.step == max_steps
-            if state.step % config.log_every == 0 or done:
-                metrics = {f"loss_{k}": sum(v) / len(v) for k, v in window.items() if v}
-                metrics.update(_counters(distiller))
-                logger.log(metrics, state.step)
-                bar.set_postfix({k.removeprefix("loss_"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss_")}, refresh=False)
-                last_window = metrics
-                window.clear()
-            if state.step % config.checkpoint_every == 0 or done:
-                in_sync = parameters_in_sync(distiller.trainable, world) and in_sync
-                if not in_sync:
-                    raise CollectionLoraError(f"distill: ranks hold different LoRA weights at step {state.step}")
-                if world.is_main:
-                    _save(distiller, out, fingerprint, config.keep_checkpoints)
+    # One bar per phase: an anchor step costs a fraction of an iteration, so one bar's estimate would be wrong.
+    anchor = min(config.anchor_steps, max_steps)
+    for phase, start, end in (("distill anchor", 0, anchor), ("distill", anchor, max_steps)):
+        if state.step >= end:
+            continue
+        with tqdm(total=end - start, initial=state.step - start, desc=phase, unit="step", disable=not world.is_main, mininterval=2.0) as bar:
+            while state.step < end:
+                log = distiller.step()
+                for name, value in log.losses.items():
+                    window[name].append(value)
+                bar.update(1)
+                if state.step == anchor and world.is_main:
+                    export.export_anchor(distiller.adapters.lora_state_dict(STUDENT), config.alpha, out, state.step, state.step * config.batch_size)
+                done = state.step == max_steps
+                if state.step % config.log_every == 0 or done:
+                    metrics = {f"loss_{k}": sum(v) / len(v) for k, v in window.items() if v}
+                    metrics.update(_counters(distiller))
+                    with distiller.timings.measure("logging"):
+                        logger.log(metrics, state.step)
+                    bar.set_postfix({k.removeprefix("loss_"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss_")}, refresh=False)
+                    last_window = metrics
+                    window.clear()
+                if state.step % config.checkpoint_every == 0 or done:
+                    in_sync = parameters_in_sync(distiller.trainable, world) and in_sync
+                    if not in_sync:
+                        raise CollectionLoraError(f"distill: ranks hold different LoRA weights at step {state.step}")
+                    if world.is_main:
+                        with distiller.timings.measure("checkpoint"):
+                            _save(distiller, out, fingerprint, config.keep_checkpoints)
     return {"steps": state.step, **_counters(distiller), "last_window": last_window, "world_size": world.size, "ranks_in_sync": in_sync}
 
 
@@ -337,13 +354,20 @@ def _export(
     files = export.export_student(
         adapters.lora_state_dict(STUDENT), params.distill.alpha, out, params.distill.save_dtype, params.distill.kohya_export
     )
+    files.update(export.write_scheduler(out))
+    if params.distill.anchor_steps == 0 or warm_start is not None:  # no anchor phase in this run
+        export.export_anchor(None, params.distill.alpha, out, 0, 0)
     base = bank.spec.base
+    # relative to the collection folder (edit.recorded_base): usable from any working directory, and no
+    # path of this machine in a file the registry ships
+    base_path = Path(os.path.relpath(bank.base_dir.resolve(), out.resolve())).as_posix() if bank.base_dir else None
     record = {
         "format": "collectionlora/1",
         "name": bank.name,
-        "base": {"path": str(bank.base_dir) if bank.base_dir else None, "model": base.model, "pipeline": params.base.pipeline},
+        "base": {"path": base_path, "model": base.model, "pipeline": params.base.pipeline},
         "timesteps": timesteps,
         "sampler": "x0-prediction with re-noising over the step list, no CFG",
+        "diffusers": export.diffusers_recipe(timesteps, params.base.resolution, params.base.is_embedded),
         "composition_template": "Please apply {first} to the input image, and then apply {then}.",
         "prompts": plan.to_json(),
         "effects": [{"id": e.id, "category": e.category, "teacher_sha256": file_sha256(e.teacher)} for e in bank.effects],

@@ -1,4 +1,4 @@
-"""Timestep draws of C2F-DO (METHOD.md 5.2-5.4) and counter-based random numbers.
+"""Timestep draws of C2F-DO (docs/method.md 5.2-5.4) and counter-based random numbers.
 
 Every random draw of a training step comes from a generator seeded by (seed, step, purpose, global
 item index): a step's randomness is a pure function of where it is, so resuming needs no RNG

@@ -3,7 +3,7 @@
 Launch on one process with `collectionlora distill`, or on K with
 `torchrun --nproc_per_node=K $(which collectionlora) distill ...` (gloo on CPU, nccl on CUDA).
 
-Per step s (METHOD.md 2.2, paper semantics by default):
+Per step s (docs/method.md 2.2, paper semantics by default):
   s < anchor_steps:              L_G = TA-FM on an effect batch              -> student AdamW step only
   stream  = PDSR draw (effect with probability p_switch, else general)
   if s % generator_every == 0:   L_G = BS-DMD + [effect] (TS-DMD + TA-FM)  -> student AdamW step
@@ -14,7 +14,8 @@ Student, critic and teachers are adapters on one shared base; only the student a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -44,25 +45,45 @@ class TrainingDiverged(CollectionLoraError):
 
 @dataclass
 class Timings:
-    """Seconds spent in transformer forwards and backwards, and in the whole step."""
+    """Where a run's time goes (bench_distill.py reads it): seconds in transformer forwards and
+    backwards, in the rest of each step, and around the steps (logging, checkpoints)."""
 
     forward: float = 0.0
     backward: float = 0.0
-    total: float = 0.0
+    total: float = 0.0  # inside step()
     teacher_switch: float = 0.0  # activating the step's teacher (copying its LoRA into a slot)
+    data: float = 0.0  # assembling the step's batch (cached latents and prompt states)
+    optimizer: float = 0.0  # gradient all-reduce, clipping and the AdamW step
+    logging: float = 0.0  # outside step(): metrics to the tracking server and metrics.jsonl
+    checkpoint: float = 0.0  # outside step(): writing checkpoints
     forwards: int = 0  # transformer forward calls
     forward_items: int = 0  # items through those forwards (a CFG teacher call counts its two halves)
+    backward_items: int = 0  # items of forwards with a gradient (the ones a backward goes through)
+
+    @contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to the field `name`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, name, getattr(self, name) + time.perf_counter() - started)
 
     def as_dict(self) -> dict[str, float]:
-        other = max(self.total - self.forward - self.backward, 0.0)
+        other = max(self.total - self.forward - self.backward - self.data - self.optimizer, 0.0)
         return {
             "time_forward_s": self.forward,
             "time_backward_s": self.backward,
+            "time_data_s": self.data,
+            "time_optimizer_s": self.optimizer,
             "time_other_s": other,
             "time_total_s": self.total,
             "time_teacher_switch_s": self.teacher_switch,
+            "time_logging_s": self.logging,
+            "time_checkpoint_s": self.checkpoint,
             "transformer_forwards": self.forwards,
             "transformer_forward_items": self.forward_items,
+            "transformer_backward_items": self.backward_items,
         }
 
 
@@ -107,10 +128,11 @@ class Distiller:
             raise ValueError("add the student and critic adapters before building the Distiller")
         if config.anchor_steps and not config.ta_fm:
             raise ConfigError("distill.anchor_steps: the anchor phase trains TA-FM alone; it needs distill.ta_fm: true")
-        if config.effects_per_batch > config.batch_size * world.size:
+        if config.batch_size % world.size:
+            raise ConfigError(f"distill.batch_size: {config.batch_size} items do not split evenly over {world.size} processes")
+        if config.effects_per_batch > config.batch_size:
             raise ConfigError(
-                f"distill.effects_per_batch: {config.effects_per_batch} effects do not fit a global batch of "
-                f"{config.batch_size * world.size} (distill.batch_size {config.batch_size} x {world.size} processes)"
+                f"distill.effects_per_batch: {config.effects_per_batch} effects do not fit a global batch of {config.batch_size} (distill.batch_size)"
             )
         betas = (0.9, 0.999)
         self.opt_student = torch.optim.AdamW(list(self.student.values()), lr=config.lr, betas=betas, weight_decay=config.weight_decay)
@@ -207,9 +229,9 @@ class Distiller:
         items = self._my_items()
         rows = None
         if effects is not None:
-            global_size = self.config.batch_size * self.world.size
-            rows = [effects[item * len(effects) // global_size] for item in items]
-        return self.data.batch(stream, rows, step, self.config.seed, items)
+            rows = [effects[item * len(effects) // self.config.batch_size] for item in items]
+        with self.timings.measure("data"):
+            return self.data.batch(stream, rows, step, self.config.seed, items)
 
     def _count_batch(self, stream: str) -> None:
         if stream == EFFECT:
@@ -218,8 +240,9 @@ class Distiller:
             self.state.general_batches += 1
 
     def _my_items(self) -> list[int]:
-        """This rank's slice of the step's global batch (item ids key every per-item draw)."""
-        size = self.config.batch_size
+        """This rank's slice of the step's global batch (item ids key every per-item draw, so the
+        layout of processes does not change what is drawn)."""
+        size = self.config.batch_size // self.world.size
         return list(range(self.world.rank * size, (self.world.rank + 1) * size))
 
     def _advance(self, stream: str | None, skipped: bool) -> None:
@@ -249,6 +272,8 @@ class Distiller:
         self.timings.forward += time.perf_counter() - started
         self.timings.forwards += 1
         self.timings.forward_items += x_t.shape[0]
+        if torch.is_grad_enabled():
+            self.timings.backward_items += x_t.shape[0]
         return velocity
 
     def _x0(self, adapter: str, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
@@ -403,14 +428,15 @@ class Distiller:
             loss.backward()
             self._device_sync()
             self.timings.backward += time.perf_counter() - started
-        ok = all_ranks_agree(finite, self.world, str(self.backbone.device))
-        if ok:
-            average_gradients(parameters, self.world)
-            norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
-            ok = bool(torch.isfinite(norm))
+        with self.timings.measure("optimizer"):
+            ok = all_ranks_agree(finite, self.world, str(self.backbone.device))
             if ok:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                average_gradients(parameters, self.world)
+                norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+                ok = bool(torch.isfinite(norm))
+                if ok:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return ok
 
     # ---- state ----------------------------------------------------------------------------------

@@ -5,8 +5,13 @@
 - "PEFT merges": the teacher LoRAs merged into one (merging.py: linear, ties, dare_ties, svd, cat).
 
 Both are sampled by the evaluation with the bank's acceleration LoRA stacked on them at 8 NFE. They are
-a stage of their own so that a new student does not retrain them: they depend on the rollouts and on the
-student prompts (prompts.json), not on the student's weights.
+a stage of their own: they depend on the rollouts and on the student folder's prompts.json (and, with
+`fm_all_in_one.source: anchor`, its anchor/ LoRA), not on the student's final weights.
+
+`source: anchor` (params.yaml's default): the distillation's anchor phase is exactly this fit (TA-FM alone
+on every teacher target with the student prompts), so its LoRA is the baseline and nothing is trained
+twice; the table then reads "the student before and after its distillation iterations".
+`source: train`: fitted here (a run without an anchor phase, e.g. the paper's settings).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 from collectionlora.adapters import AdapterSet
 from collectionlora.bank import Bank, file_sha256
 from collectionlora.config import FmAllInOneConfig, Params, SamplingConfig
-from collectionlora.distill.export import LORA_WEIGHTS, export_student
+from collectionlora.distill.export import ANCHOR, ANCHOR_RECORD, LORA_WEIGHTS, export_student
 from collectionlora.distill.prompting import PromptPlan
+from collectionlora.errors import CollectionLoraError, ConfigError
 from collectionlora.flowmatch import fit, pair_batches
 from collectionlora.lorafile import atomic_write_text, base_linear_shapes
 from collectionlora.merging import write_merges
@@ -62,16 +68,51 @@ def train_fm_all_in_one(
     return weights, losses
 
 
-def write_baselines(params: Params, backbone: Backbone, bank: Bank, rollouts: dict[str, EffectRollouts], plan: PromptPlan, out: Path) -> dict:
+def anchor_lora(student: Path) -> tuple[Path, dict]:
+    """The anchored student's LoRA file in `student` (a distill output) and its anchor.json."""
+    record_path = Path(student) / ANCHOR / ANCHOR_RECORD
+    path = Path(student) / ANCHOR / LORA_WEIGHTS
+    if not record_path.is_file():
+        raise CollectionLoraError(f"{record_path}: missing; re-run `collectionlora distill` (it writes the anchor when its anchor phase ends)")
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    if record["anchor_steps"] == 0:
+        raise ConfigError(f"{record_path}: that run had no anchor phase (distill.anchor_steps 0); set baselines.fm_all_in_one.source: train")
+    if not path.is_file():
+        raise CollectionLoraError(f"{path}: missing; re-run `collectionlora distill`")
+    return path, record
+
+
+def _fm_all_in_one(params: Params, backbone: Backbone, rollouts: dict[str, EffectRollouts], plan: PromptPlan, student: Path, staging: Path) -> dict:
+    """Write the FM all-in-1 LoRA into `staging`; returns its report entry."""
+    config, started = params.baselines.fm_all_in_one, time.perf_counter()
+    rows = sum(len(r.sources) for r in rollouts.values())
+    if config.source == "anchor":
+        anchor, record = anchor_lora(student)
+        (staging / FM_ALL_IN_ONE).mkdir(parents=True)
+        shutil.copyfile(anchor, staging / FM_ALL_IN_ONE / LORA_WEIGHTS)
+        entry = {"source": "anchor", "steps": record["anchor_steps"], "rows_seen": record["rows"]}
+    else:
+        weights, losses = train_fm_all_in_one(backbone, rollouts, plan, config, params.distill.targets, params.sampling)
+        export_student(weights, config.alpha, staging / FM_ALL_IN_ONE, "float32", kohya=False)
+        entry = {"source": "train", "steps": config.steps, "rows_seen": config.steps * config.batch_size, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    return {
+        "file": f"{FM_ALL_IN_ONE}/{LORA_WEIGHTS}",
+        "sha256": file_sha256(staging / FM_ALL_IN_ONE / LORA_WEIGHTS),
+        "rows": rows,
+        **entry,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def write_baselines(
+    params: Params, backbone: Backbone, bank: Bank, rollouts: dict[str, EffectRollouts], plan: PromptPlan, student: Path, out: Path
+) -> dict:
     """Both baselines into `out` (replaced in one rename, nothing half written); returns the report."""
     config = params.baselines
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    started = time.perf_counter()
-    weights, losses = train_fm_all_in_one(backbone, rollouts, plan, config.fm_all_in_one, params.distill.targets, params.sampling)
-    export_student(weights, config.fm_all_in_one.alpha, staging / FM_ALL_IN_ONE, "float32", kohya=False)
-    fm_seconds = time.perf_counter() - started
+    fm = _fm_all_in_one(params, backbone, rollouts, plan, student, staging)
     merges = config.merges
     started = time.perf_counter()
     merged = write_merges(
@@ -82,14 +123,7 @@ def write_baselines(params: Params, backbone: Backbone, bank: Bank, rollouts: di
     report = {
         "effects": [e.id for e in bank.effects],
         "prompts_sha256": plan.digest(),
-        FM_ALL_IN_ONE: {
-            "file": f"{FM_ALL_IN_ONE}/{LORA_WEIGHTS}",
-            "sha256": file_sha256(staging / FM_ALL_IN_ONE / LORA_WEIGHTS),
-            "rows": sum(len(r.sources) for r in rollouts.values()),
-            "steps": config.fm_all_in_one.steps,
-            "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "seconds": fm_seconds,
-        },
+        FM_ALL_IN_ONE: fm,
         MERGES: {
             method: {"file": path.relative_to(staging).as_posix(), "sha256": file_sha256(path)} for method, path in merged.items()
         },

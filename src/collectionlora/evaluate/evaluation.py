@@ -104,7 +104,7 @@ class Evaluator:
     def run(self, method: Method) -> MethodResult:
         per_effect, requested, judged, samples = {}, [], [], {}
         seconds, edits = 0.0, 0
-        for effect in tqdm(self.effects, desc=method.name, leave=False):
+        for effect in tqdm(self.effects, desc=method.name, leave=None):  # None: kept unless nested in another bar
             sources, seeds = self.cases.rows(effect)
             started = time.perf_counter()
             images = edit(method, effect, sources, seeds, self.sampling)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -24,6 +24,7 @@ from collectionlora.effects.catalog import get_effect
 from collectionlora.effects.sources import make_sources
 from collectionlora.errors import JudgeFileError
 from collectionlora.images import quantize
+from collectionlora.lorafile import save_safetensors
 
 NONE = "none"
 WEIGHTS_FILE, META_FILE = "judge.safetensors", "judge.json"
@@ -209,7 +210,7 @@ class EffectJudge:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
+        save_safetensors(state, directory / WEIGHTS_FILE)
         meta = {"format": FORMAT, "labels": self.labels, "architecture": {"width": self.width}}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -263,7 +264,7 @@ def train_judge(examples: JudgeExamples, config: JudgeConfig, labels: Sequence[s
     loss_fn = nn.CrossEntropyLoss()
     net.train()
     batches = _batches(len(examples), config.batch_size, order)
-    with tqdm(range(config.steps), desc="judge", unit="step", leave=False) as progress:
+    with tqdm(range(config.steps), desc="judge", unit="step", leave=None) as progress:  # None: kept unless nested
         for _ in progress:
             batch = next(batches)
             loss = loss_fn(net(examples.sources[batch], examples.results[batch]), targets[batch])

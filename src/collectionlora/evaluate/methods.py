@@ -175,12 +175,9 @@ class MethodBuilder:
         return {effect: self.plan.student(effect) for effect in self.effects}
 
     def _acceleration(self) -> Path:
-        if self.bank.acceleration is None:
-            raise CollectionLoraError(
-                f"{self.bank.manifest}: acceleration: the bank has no acceleration LoRA, which the cascade, FM all-in-1 "
-                "and merge baselines stack (train one with `collectionlora acceleration train`, or drop those methods)"
-            )
-        return self.bank.acceleration
+        return acceleration_lora(
+            self.bank, "which the cascade, FM all-in-1 and merge baselines stack (train one with `collectionlora acceleration train`, or drop those methods)"
+        )
 
     def _baseline_file(self, relative: str) -> Path:
         if self.baselines is None or not (Path(self.baselines) / relative).is_file():
@@ -191,11 +188,22 @@ class MethodBuilder:
         """The exact sum of two LoRAs as one file (a cat merge); `second` is the shared acceleration LoRA."""
         if second not in self._read:
             self._read[second] = read_lora(second, self._shapes)
-        loras = [read_lora(first, self._shapes), self._read[second]]
-        merged = merge_weights(loras, "cat", None, rank=1, density=1.0, majority_sign_method="total", seed=0)
-        path = Path(self._work.name) / f"{name}.safetensors"
-        write_lora(merged, path, "diffusers")
-        return path
+        return write_stacked(read_lora(first, self._shapes), self._read[second], Path(self._work.name) / f"{name}.safetensors")
+
+
+def acceleration_lora(bank: Bank, needed_by: str) -> Path:
+    """The bank's few-step LoRA, or a one-line error ending in `needed_by` (what needs it, what to do)."""
+    if bank.acceleration is None:
+        raise CollectionLoraError(f"{bank.manifest}: acceleration: the bank has no acceleration LoRA, {needed_by}")
+    return bank.acceleration
+
+
+def write_stacked(first: LoraWeights, second: LoraWeights, path: Path) -> Path:
+    """Two LoRAs applied together (diffusers' `set_adapters([a, b], [1, 1])`) as one file: their exact
+    sum, a `cat` merge whose delta is B_1 A_1 + B_2 A_2, so one adapter per forward runs the stack."""
+    merged = merge_weights([first, second], "cat", None, rank=1, density=1.0, majority_sign_method="total", seed=0)
+    write_lora(merged, path, "diffusers")
+    return path
 
 
 def fuse_lora_into_base(params: Params, bank: Bank, lora: Path, dtype: str) -> tuple[Backbone, dict[str, float]]:

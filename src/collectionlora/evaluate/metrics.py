@@ -1,7 +1,7 @@
 """Per-effect fidelity metrics of the evaluation stage: pure functions on image, probability and feature tensors.
 
 Images are float [B, 3, H, W] tensors in [0, 1] of any size. These are offline stand-ins for the paper's metrics
-(METHOD.md section 8.2): the effect judge replaces CLIP/DreamSim for style alignment and the MLLM for BCR,
+(docs/method.md section 8.2): the effect judge replaces CLIP/DreamSim for style alignment and the MLLM for BCR,
 judge features replace Inception for a Frechet distance, and SSIM-based scores replace DINO for subject
 consistency.
 """

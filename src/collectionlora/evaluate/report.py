@@ -22,7 +22,7 @@ from collectionlora.evaluate.evaluation import MethodResult
 from collectionlora.evaluate.gate import GateDecision
 from collectionlora.evaluate.judge import NONE
 from collectionlora.evaluate.metrics import BleedingMatrix
-from collectionlora.images import grid, save_png
+from collectionlora.images import labelled_grid, save_png
 
 METRICS, PER_EFFECT, TABLE, COST, GATE = "metrics.json", "per_effect.csv", "methods.md", "cost.csv", "gate.json"
 BLEEDING, SAMPLES = "bleeding.png", "samples.png"
@@ -167,12 +167,14 @@ def condensed_rates(matrix: BleedingMatrix) -> tuple[list[str], Tensor]:
 
 
 def samples_grid(sources: Tensor, results: Sequence[MethodResult]) -> Tensor:
-    """Per effect and shown source, one row: source | each method's seed-0 edit (in `results` order)."""
-    rows = []
+    """Per effect and shown source, one row: source | each method's seed-0 edit (in `results` order),
+    labelled with the effect (rows) and the method (columns)."""
+    rows, effects = [], []
     for effect in results[0].samples:
         for i in range(len(results[0].samples[effect])):
             rows.append([sources[i]] + [r.samples[effect][i] for r in results])
-    return grid(rows, scale=3)
+            effects.append(effect)
+    return labelled_grid(rows, effects, ["source", *(r.name for r in results)], scale=3)
 
 
 def _number(value: float | None) -> str:

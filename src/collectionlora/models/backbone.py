@@ -32,8 +32,7 @@ from collectionlora.errors import ConfigError
 from collectionlora.images import to_pil
 from collectionlora.models.compat import (
     condition_area,
-    load_processor,
-    processor_needs_workaround,
+    processor_override,
 )
 
 PIPELINES = {"QwenImageEditPlusPipeline": QwenImageEditPlusPipeline, "QwenImageEditPipeline": QwenImageEditPipeline}
@@ -120,7 +119,7 @@ class Backbone:
         location = Path(path or config.path) if embedded else _resolve_model(config.model)
         if not (location / "model_index.json").is_file():
             raise ConfigError(f"{location}: no model_index.json (base.model / base.path must name a diffusers pipeline folder)")
-        extra = {"processor": load_processor(location)} if processor_needs_workaround() else {}
+        extra = processor_override(location)
         with _quiet_embedded_load(embedded):
             pipe = pipeline_class.from_pretrained(location, dtype=dtype, **extra)
         pipe.to(config.device)

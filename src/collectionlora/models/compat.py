@@ -8,6 +8,7 @@
    swaps those module globals for the duration of a call.
 
 Both apply only where needed: real models on a GPU install (with torchvision) use neither.
+`load_pipeline` is the one call a plain diffusers script needs to load a saved base with them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from diffusers import DiffusionPipeline
 from transformers import Qwen2Tokenizer, Qwen2VLProcessor
 from transformers.utils import is_torchvision_available
+
+import collectionlora.models.pixel_vae  # noqa: F401  (diffusers loads the embedded VAE class only once it is imported)
 
 _PIPELINE_MODULES = (
     "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit",
@@ -53,6 +58,26 @@ def load_processor(pipeline_dir: Path) -> Qwen2VLProcessor:
     tokenizer = Qwen2Tokenizer.from_pretrained(pipeline_dir / "tokenizer")
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(pipeline_dir / "processor")
     return build_processor(tokenizer, image_processor)
+
+
+def processor_override(pipeline_dir: Path) -> dict:
+    """`{"processor": rebuilt}` where stock loading of the saved processor would fail, else `{}`: without
+    torchvision, or when the folder has no video-processor config (the embedded base saves none)."""
+    stock_loadable = (Path(pipeline_dir) / "processor" / "video_preprocessor_config.json").is_file()
+    return {"processor": load_processor(pipeline_dir)} if processor_needs_workaround() or not stock_loadable else {}
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """The stock diffusers pipeline saved at `path` (the embedded base, e.g. `data/base`), loadable here.
+
+    `DiffusionPipeline.from_pretrained(path)` with the pixel-shuffle VAE class imported and, where needed,
+    the processor rebuilt. Call the embedded base inside `condition_area(resolution**2)`. A real
+    Qwen-Image-Edit base with torchvision installed needs none of this: plain `from_pretrained` works.
+    """
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path}: no model_index.json (not a saved diffusers pipeline)")
+    return DiffusionPipeline.from_pretrained(path, dtype=dtype, **processor_override(path))
 
 
 @contextlib.contextmanager

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from collectionlora.config import Params
+from collectionlora.config import Params, write_params
+from collectionlora.distill.launch import torchrun_command
 from collectionlora.errors import CollectionLoraError, ConfigError
 from collectionlora.pipeline.outputs import copy_collection
-from collectionlora.pipeline.task_params import params_json, task_params, write_params
+from collectionlora.pipeline.task_params import params_json, task_params
 
 
 def check_placement(params: Params) -> None:
@@ -56,19 +56,8 @@ def distill_task(params: Params, rollouts: Path, checkpoint_root: Path, run_id: 
     return json.loads((out / METRICS).read_text(encoding="utf-8"))
 
 
-def distill_arguments(params_file: Path, rollouts: Path, out: Path, resume: bool) -> list[str]:
-    """`collectionlora distill`'s arguments, the same on every rank (this node's torchrun, a TrainJob's nodes)."""
-    arguments = ["distill", "--params", str(params_file), "--rollouts", str(rollouts), "--out", str(out)]
-    return arguments + (["--resume"] if resume else [])
-
-
-def torchrun_command(processes: int, params_file: Path, rollouts: Path, out: Path, resume: bool) -> list[str]:
-    """One process per accelerator of this node."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "collectionlora.cli"]
-    return torchrun + distill_arguments(params_file, rollouts, out, resume)
-
-
 def _run_here(params: Params, params_file: Path, rollouts: Path, out: Path, resume: bool) -> None:
+    """One process per accelerator of this node; on a CPU node, `distill.processes` (distill/launch.py)."""
     processes = params.kfp.distill.accelerator_count
     if processes <= 1:
         from collectionlora.stages import run_distill

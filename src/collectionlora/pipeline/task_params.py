@@ -11,7 +11,6 @@ from pathlib import Path
 import hashlib
 import json
 
-import yaml
 from pydantic import ValidationError
 
 from collectionlora.bank import open_bank
@@ -62,14 +61,6 @@ def sections_json(text: str, names: tuple[str, ...]) -> str:
     """The named sections of the pipeline parameter, as a parameter of their own (a task's cache key)."""
     raw = _json_mapping(text)
     return params_json({name: raw[name] for name in names if name in raw})
-
-
-def write_params(params: Params, path: Path) -> Path:
-    """params as a params.yaml, for commands started in another process (torchrun, a TrainJob)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    return path
 
 
 def bank_digest(manifest: dict) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from collectionlora.bank import open_bank
 from collectionlora.config import Params
-from collectionlora.distill.export import COLLECTION, MODEL_CARD
+from collectionlora.distill.export import COLLECTION, MODEL_CARD, SCHEDULER
 from collectionlora.images import encode_png
 from collectionlora.lorafile import atomic_write_text
 from collectionlora.registry.card import version_description
@@ -180,6 +180,8 @@ def _model_artifacts(params: Params, inputs) -> dict[str, str]:
         "collection": str(inputs.collection / COLLECTION),
         "model_card": str(inputs.collection / MODEL_CARD),
     }
+    if (inputs.collection / SCHEDULER).is_dir():  # the model card's diffusers route (older collections have none)
+        artifacts["scheduler"] = str(inputs.collection / SCHEDULER)
     if params.base.is_embedded:  # small: shipped inside the model; a real base is referenced by id/path (tags)
         artifacts["base"] = str(open_bank(params.bank).base_dir)
     return artifacts

@@ -1,4 +1,4 @@
-"""Real-model metrics of METHOD.md 8.2 behind one interface, each off until params.yaml enables it.
+"""Real-model metrics of docs/method.md 8.2 behind one interface, each off until params.yaml enables it.
 
 `ImageSimilarity` metrics (CLIP, DINO) score image pairs from local checkpoint folders; `MllmJudge` asks an
 OpenAI-compatible endpoint the paper's BCR and VSA prompts. `load_plugins(config)` builds the enabled ones;

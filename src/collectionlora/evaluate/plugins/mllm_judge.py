@@ -1,4 +1,4 @@
-"""The paper's MLLM judge (METHOD.md 8.2): Bad Case Rate (BCR) and Valid Subject Alignment (VSA).
+"""The paper's MLLM judge (docs/method.md 8.2): Bad Case Rate (BCR) and Valid Subject Alignment (VSA).
 
 One case is one edit: the instruction, a reference template pair (the effect's visual ground truth), the test
 pair and the effect's expert criteria. The BCR prompt asks whether the test result is a bad case; only when it
@@ -35,7 +35,7 @@ VSA_MIN, VSA_MAX = 1, 5
 VSA_BAD_CASE = 0  # the VSA of a bad case: the subject did not survive a valid edit
 FENCE = re.compile(r"^```[\w-]*\s*(.*?)\s*```$", re.DOTALL)
 
-# BCR (project page static/figures/BCR.tex, as summarised in METHOD.md 8.2). The four images follow the text
+# BCR (project page static/figures/BCR.tex, as summarised in docs/method.md 8.2). The four images follow the text
 # in this order, each after a one-line label.
 BCR_PROMPT = (
     "You are an expert judge of image-editing results for a specific visual effect.\n"
@@ -56,7 +56,7 @@ BCR_PROMPT = (
 )
 BCR_IMAGES = ("Reference template source:", "Reference template result:", "Test source:", "Test result:")
 
-# VSA (project page static/figures/VSA.tex, as summarised in METHOD.md 8.2).
+# VSA (project page static/figures/VSA.tex, as summarised in docs/method.md 8.2).
 VSA_PROMPT = (
     "You are an expert judge of subject identity in edited images.\n"
     "You are given two images, in this order: the test source (the original) and the test result, produced "

@@ -1,4 +1,4 @@
-"""CLIP and DINO image-image cosine similarity from local transformers checkpoints (METHOD.md 8.2).
+"""CLIP and DINO image-image cosine similarity from local transformers checkpoints (docs/method.md 8.2).
 
 CLIP compares a result with a reference result of the same effect ("style alignment"); DINO compares a source
 with its result ("subject consistency"). The pairing is the caller's; here a metric scores pairs. Folders are
