@@ -4,12 +4,12 @@ measured in one run on the demo bank (params.yaml as is, short budgets).
 1. Machine: an fp32 2048x2048 matmul's GFLOP/s on 1 thread and on `base.threads` threads (the peak
    every utilization below is a share of).
 2. Distillation under three layouts (one process x base.threads with peft's LoRA path, the same with
-   the merged-weight LoRA forward (lora_forward.py), and params.yaml's `distill.processes`):
+   the merged-weight forward of frozen adapters (lora_forward.py), and 2 processes x base.threads / 2):
    seconds per anchor step and per iteration, and the transformer work's GFLOP/s inside each as a share
    of the peak. Work = forward items x (FLOPs of one item's forward) + backward items x (one item's
    backward), FLOPs counted by torch's FlopCounterMode on peft's path (the least arithmetic; the merged
    path does more and finishes sooner).
-3. Shares of an iteration (params.yaml's layout): transformer forward, backward, batch assembly,
+3. Shares of an iteration (params.yaml's `distill.processes` layout): transformer forward, backward, batch assembly,
    optimizer, teacher switching, logging, checkpoints, the rest; and peft's side path as a share of the
    one-process iteration.
 4. Shares of the other stages' time by component (transformer, text encoder, VAE, the rest): a rollout
@@ -114,7 +114,7 @@ def utilization(summary: dict, per_item: tuple[float, float], peak: float) -> di
 
 
 def training_cost(params: Params, rollouts: Path, workdir: Path, steps: int, per_item: tuple[float, float], peak: float) -> dict:
-    layouts = {"peft_1proc": (1, False), "merged_1proc": (1, True), f"merged_{params.distill.processes}proc": (params.distill.processes, True)}
+    layouts = {"peft_1proc": (1, False), "merged_1proc": (1, True), "merged_2proc": (2, True)}
     results: dict = {}
     for name, (processes, merged) in layouts.items():
         iterations = _distill(params, rollouts, workdir / f"{name}-it", 0, steps, processes, merged)
@@ -127,8 +127,8 @@ def training_cost(params: Params, rollouts: Path, workdir: Path, steps: int, per
             "anchor": utilization(anchored, per_item, peak),
             "summary": iterations,
         }
-    default = results[f"merged_{params.distill.processes}proc"]
-    summary = default.pop("summary")
+    default = results[f"merged_{params.distill.processes}proc"]  # params.yaml's layout
+    summary = default["summary"]
     for layout in results.values():
         layout.pop("summary", None)
     total = summary["time_total_s"] + summary["time_logging_s"] + summary["time_checkpoint_s"]
@@ -213,10 +213,11 @@ def stage_shares(params: Params, workdir: Path, student: Path) -> dict:
         run_rollout(params, workdir / "shares-rollouts", effects[:2])
     results["rollout_2_effects"] = clock.shares(time.perf_counter() - started)
 
-    fm = _with(params, baselines={"fm_all_in_one": params.baselines.fm_all_in_one.model_copy(update={"steps": 50})})
+    # a training FM all-in-1 (the iteration run had no anchor phase to take it from)
+    fm = _with(params, baselines={"fm_all_in_one": params.baselines.fm_all_in_one.model_copy(update={"steps": 50, "source": "train"})})
     started, clock = time.perf_counter(), ComponentClock()
     with clock:
-        run_baselines(fm, workdir / "rollouts", student / "prompts.json", workdir / "shares-baselines")
+        run_baselines(fm, workdir / "rollouts", student, workdir / "shares-baselines")
     results["baselines_fm_50_steps_and_merges"] = clock.shares(time.perf_counter() - started)
 
     evaluation = _with(params, evaluate={"methods": ["teacher", "student"], "student_steps": [8], "eval_images": 2, "stochastic_seeds": 1})
@@ -257,13 +258,19 @@ def main() -> None:
     peak = results[f"matmul_gflops_{params.base.threads}_threads"]
     per_item = flops_per_item(params)
     results["gflop_per_item_forward"], results["gflop_per_item_backward"] = per_item[0] / 1e9, per_item[1] / 1e9
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part: a long run that fails late keeps what it measured
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         results.update(rollout_cost(params, workdir))
+        save()
         results.update(training_cost(params, workdir / "rollouts", workdir, args.steps, per_item, peak))
-        results["stage_shares"] = stage_shares(params, workdir, workdir / f"merged_{params.distill.processes}proc-it")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        save()
+        results["stage_shares"] = stage_shares(params, workdir, workdir / "merged_1proc-it")
+        save()
     print(json.dumps(results, indent=2))
 
 

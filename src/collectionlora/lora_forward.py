@@ -1,15 +1,16 @@
-"""An adapted linear computed as ONE matmul with the merged weight W + s * B @ A, instead of peft's side
-path (base matmul, then x @ A, then @ B, then an add).
+"""A frozen adapted linear computed as ONE matmul with the merged weight W + s * B @ A, instead of
+peft's side path (base matmul, then x @ A, then @ B, then an add).
 
 Why: on the embedded tiny base a LoRA matmul costs about as much as the base matmul it adapts, so
-peft's path makes every adapted forward ~1.5x a base forward and ~17% of a distillation iteration
-(bench_distill.py measures it). Merging first costs 2·r·d_in·d_out per layer and call, small against
-the matmul over batch x tokens rows; the outputs differ from peft's only by float rounding, and the
-gradients reach A and B through the merged weight.
+peft's path makes a teacher forward much slower than a base forward. Frozen adapters (teachers, or any
+adapter in a no-grad pass: the student's backward simulation, the critic's fake score) are merged once
+and reuse the merged weight until one of its tensors changes in place (an optimiser step, a teacher
+copied into its slot): the cache is keyed by the tensors' version counters, so it can never serve stale
+weights. The outputs differ from peft's only by float rounding.
 
-Frozen adapters (teachers, or any adapter in a no-grad pass) reuse their merged weight until one of
-its tensors changes in place (an optimiser step, a teacher copied into its slot): the cache is keyed
-by the tensors' version counters, so it can never serve stale weights.
+A forward that trains the adapter keeps peft's path: through a merged weight the backward would form
+the full d_out x d_in weight gradient before projecting it onto A and B, which bench_distill.py
+measured slower than peft's low-rank backward (an anchor step 0.137 s against 0.127 s).
 
 Used where it pays and is exact enough: float32 weights on the CPU. On a GPU, or with bf16/fp16 base
 weights (where merging a small fp32 delta into low-precision weights would round it away), peft's own
@@ -75,8 +76,6 @@ def _single_plain_adapter(layer: LoraLinear) -> str | None:
 def _merged_weight(layer: LoraLinear, adapter: str, weight: torch.Tensor) -> torch.Tensor:
     down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     scaling = layer.scaling[adapter]
-    if torch.is_grad_enabled() and (down.requires_grad or up.requires_grad):
-        return torch.addmm(weight, up, down, alpha=scaling)
     key = (adapter, down.data_ptr(), up.data_ptr(), down._version, up._version, weight._version, scaling)
     cached = layer.__dict__.get(_CACHE)
     if cached is not None and cached[0] == key:
@@ -87,9 +86,18 @@ def _merged_weight(layer: LoraLinear, adapter: str, weight: torch.Tensor) -> tor
     return merged
 
 
+def _trains(layer: LoraLinear, adapter: str) -> bool:
+    return torch.is_grad_enabled() and (layer.lora_A[adapter].weight.requires_grad or layer.lora_B[adapter].weight.requires_grad)
+
+
 def _merged_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter = None if args or kwargs else _single_plain_adapter(self)
     base = self.get_base_layer()
-    if adapter is None or x.dtype != base.weight.dtype or self.lora_A[adapter].weight.dtype != base.weight.dtype:
+    if (
+        adapter is None
+        or _trains(self, adapter)
+        or x.dtype != base.weight.dtype
+        or self.lora_A[adapter].weight.dtype != base.weight.dtype
+    ):
         return getattr(self, _PEFT_FORWARD)(x, *args, **kwargs)
     return F.linear(x, _merged_weight(self, adapter, base.weight), base.bias)
