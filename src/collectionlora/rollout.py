@@ -103,7 +103,8 @@ def generate_rollouts(
     adapters = AdapterSet(backbone.transformer)
     plans = [_plan_effect(bank, effect, fingerprint, base, sampling, rollout, out) for effect in effects]
     # one bar over the targets still to sample (cached ones take no time and would skew its estimate)
-    with tqdm(total=sum(len(plan.misses) for plan in plans), desc="rollout", unit="target", mininterval=2.0) as bar:
+    missing = sum(len(plan.misses) for plan in plans)
+    with tqdm(total=missing, desc="rollout", unit="target", mininterval=2.0, disable=missing == 0) as bar:  # all cached: no bar
         per_effect = {plan.effect.id: _roll_effect(backbone, adapters, bank, plan, sampling, rollout, out, bar) for plan in plans}
     _write_combined_index(bank, out)
     report = {
