@@ -9,8 +9,8 @@ copied into its slot): the cache is keyed by the tensors' version counters, so i
 weights. The outputs differ from peft's only by float rounding.
 
 A forward that trains the adapter keeps peft's path: through a merged weight the backward would form
-the full d_out x d_in weight gradient before projecting it onto A and B, which bench_distill.py
-measured slower than peft's low-rank backward (an anchor step 0.137 s against 0.127 s).
+the full d_out x d_in weight gradient before projecting it onto A and B, more arithmetic than peft's
+low-rank backward (bench_distill.py could not tell the two apart from this machine's noise).
 
 Used where it pays and is exact enough: float32 weights on the CPU. On a GPU, or with bf16/fp16 base
 weights (where merging a small fp32 delta into low-precision weights would round it away), peft's own

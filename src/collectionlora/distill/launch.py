@@ -1,9 +1,9 @@
 """`distill.processes` data-parallel processes on this machine, started through torchrun.
 
-Why: on a CPU the embedded model's matmuls are too small to keep two threads of one process busy
-(two threads give ~1.5x one thread), while two processes of one thread each, joined by gloo, give
-nearly 2x (bench_distill.py measures both). `distill.batch_size` is the global batch, so the layout
-changes the speed, not what is trained. On CUDA each process takes one GPU.
+Why: data parallelism over GPUs, or over the cores of a CPU machine where one process cannot keep its
+threads busy. `distill.batch_size` is the global batch, so the layout changes the speed, not what is
+trained. On CUDA each process takes one GPU. On the embedded tiny base 2 processes x 1 thread measured
+no faster than 1 x 2 threads (bench_distill.py, docs/results.md), so params.yaml keeps 1.
 
 The command the user typed (or DVC, or a KFP task) stays `collectionlora distill`: when
 `distill.processes` > 1 and this process is not already a torchrun worker, it starts the workers

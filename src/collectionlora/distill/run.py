@@ -355,7 +355,7 @@ def _export(
         adapters.lora_state_dict(STUDENT), params.distill.alpha, out, params.distill.save_dtype, params.distill.kohya_export
     )
     files.update(export.write_scheduler(out))
-    if params.distill.anchor_steps == 0 or warm_start is not None:  # no anchor phase in this run
+    if params.distill.anchor_steps == 0:  # no anchor phase in this run (a warm start has none either)
         export.export_anchor(None, params.distill.alpha, out, 0, 0)
     base = bank.spec.base
     # relative to the collection folder (edit.recorded_base): usable from any working directory, and no
