@@ -44,6 +44,11 @@ ARG VARIANT=cuda
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu130
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# torch.compile (distill.compile_anchor) writes C++ for CPU graphs, and Triton builds its launchers
+# with a C compiler on CUDA: the slim base has neither.
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
 RUN case "${VARIANT}" in \
         cuda) index="https://download.pytorch.org/whl/${TORCH_CUDA}" ;; \
         cpu) index="https://download.pytorch.org/whl/cpu" ;; \

@@ -3,8 +3,9 @@ measured in one run on the demo bank (params.yaml as is, short budgets).
 
 1. Machine: an fp32 2048x2048 matmul's GFLOP/s on 1 thread and on `base.threads` threads (the peak
    every utilization below is a share of).
-2. Distillation under three layouts (one process x base.threads with peft's LoRA path, the same with
-   the merged-weight forward of frozen adapters (lora_forward.py), and 2 processes x base.threads / 2):
+2. Distillation under four layouts (one process x base.threads with peft's LoRA path; the same with
+   the merged-weight forward of frozen adapters (lora_forward.py); that with the anchor phase compiled
+   (distill.compile_anchor, the compile timed apart); and that on 2 processes x base.threads / 2):
    seconds per anchor step and per iteration, and the transformer work's GFLOP/s inside each as a share
    of the peak. Work = forward items x (FLOPs of one item's forward) + backward items x (one item's
    backward), FLOPs counted by torch's FlopCounterMode on peft's path (the least arithmetic; the merged
@@ -88,11 +89,14 @@ def _with(params: Params, **sections: dict) -> Params:
     return params.model_copy(update={name: getattr(params, name).model_copy(update=values) for name, values in sections.items()})
 
 
-def _distill(params: Params, rollouts: Path, out: Path, anchor_steps: int, max_steps: int, processes: int, merged: bool) -> dict:
+def _distill(params: Params, rollouts: Path, out: Path, anchor_steps: int, max_steps: int, processes: int, merged: bool, compiled: bool) -> dict:
     every = anchor_steps + max_steps
     params = _with(
         params,
-        distill={"anchor_steps": anchor_steps, "max_steps": max_steps, "checkpoint_every": every, "log_every": every, "processes": processes},
+        distill={
+            "anchor_steps": anchor_steps, "max_steps": max_steps, "checkpoint_every": every, "log_every": every, "processes": processes,
+            "compile_anchor": compiled,
+        },
         tracking={"uri": f"sqlite:///{out.parent / 'mlflow.db'}"},
     )
     if merged:
@@ -114,20 +118,28 @@ def utilization(summary: dict, per_item: tuple[float, float], peak: float) -> di
 
 
 def training_cost(params: Params, rollouts: Path, workdir: Path, steps: int, per_item: tuple[float, float], peak: float) -> dict:
-    layouts = {"peft_1proc": (1, False), "merged_1proc": (1, True), "merged_2proc": (2, True)}
+    """Each layout: (processes, merged frozen-adapter forward, compiled anchor phase). The compile is
+    timed apart (time_compile_s) and left out of the per-step figures."""
+    layouts = {
+        "peft_1proc": (1, False, False),
+        "merged_1proc": (1, True, False),
+        "merged_compiled_1proc": (1, True, True),
+        "merged_compiled_2proc": (2, True, True),
+    }
     results: dict = {}
-    for name, (processes, merged) in layouts.items():
-        iterations = _distill(params, rollouts, workdir / f"{name}-it", 0, steps, processes, merged)
-        anchored = _distill(params, rollouts, workdir / f"{name}-anchor", steps, 1, processes, merged)
+    for name, (processes, merged, compiled) in layouts.items():
+        iterations = _distill(params, rollouts, workdir / f"{name}-it", 0, steps, processes, merged, compiled)
+        anchored = _distill(params, rollouts, workdir / f"{name}-anchor", 3 * steps, 1, processes, merged, compiled)
         per_iteration = iterations["time_total_s"] / iterations["steps"]
         results[name] = {
             "seconds_per_iteration": per_iteration,
-            "seconds_per_anchor_step": (anchored["time_total_s"] - per_iteration) / steps,
+            "seconds_per_anchor_step": (anchored["time_total_s"] - anchored["time_compile_s"] - per_iteration) / (3 * steps),
+            "compile_s": anchored["time_compile_s"],
             "iteration": utilization(iterations, per_item, peak),
             "anchor": utilization(anchored, per_item, peak),
             "summary": iterations,
         }
-    default = results[f"merged_{params.distill.processes}proc"]  # params.yaml's layout
+    default = results[f"merged{'_compiled' if params.distill.compile_anchor else ''}_{params.distill.processes}proc"]  # params.yaml's layout
     summary = default["summary"]
     for layout in results.values():
         layout.pop("summary", None)
@@ -143,6 +155,9 @@ def training_cost(params: Params, rollouts: Path, workdir: Path, steps: int, per
         "iteration_shares": shares,
         "peft_side_path_share_of_iteration": 1 - results["merged_1proc"]["seconds_per_iteration"] / results["peft_1proc"]["seconds_per_iteration"],
         "speedup_default_over_peft_1proc": results["peft_1proc"]["seconds_per_iteration"] / default["seconds_per_iteration"],
+        "anchor_step_speedup_compiled_over_eager_1proc": (
+            results["merged_1proc"]["seconds_per_anchor_step"] / results["merged_compiled_1proc"]["seconds_per_anchor_step"]
+        ),
         "forwards_per_generator_update": ours,
         "reference_forwards_per_generator_update": reference_forwards_per_generator_update(
             len(params.sampling.student_timesteps), params.distill.generator_every

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +228,106 @@ def _pickle(root: Path, path: str) -> None:
     (root / path).write_bytes(pickle.dumps({"weight": np.zeros(2).tolist()}, protocol=4))
 
 
+def _png_header_size(root: Path, path: str, width: int, height: int) -> None:
+    """Rewrite a real PNG's IHDR (CRC fixed) to claim width x height; the pixel data stays 32x32."""
+    data = bytearray((root / path).read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    (root / path).write_bytes(bytes(data))
+
+
+def _blank_png(root: Path, path: str, width: int, height: int) -> None:
+    """A real RGB PNG of width x height, one colour (compresses to little, decodes to width*height*3 bytes)."""
+    Image.new("RGB", (width, height), (120, 30, 200)).save(root / path, format="PNG")
+
+
+def _lora_dtype(root: Path, path: str, key: str, dtype: str) -> None:
+    tensors = load_file(root / path)
+    tensors[key] = tensors[key].to(getattr(torch, dtype))
+    save_file(tensors, root / path)
+
+
+def _lora_scale(root: Path, path: str, suffix: str, factor: float) -> None:
+    """Multiply every tensor whose key ends with `suffix` (e.g. lora_B.weight) by `factor`, metadata kept."""
+    from safetensors import safe_open
+
+    with safe_open(str(root / path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = {k: v * factor if k.endswith(suffix) else v for k, v in load_file(root / path).items()}
+    save_file(tensors, root / path, metadata=metadata)
+
+
+def _relayout(root: Path, path: str, layout: str) -> None:
+    """Rewrite a LoRA in another layout (peft: tensors plus adapter_config.json beside them)."""
+    from collectionlora.lorafile import read_lora
+
+    weights = read_lora(root / path, None)
+    copied = {name: (down.clone(), up.clone(), weights.modules[name].alpha) for name, down, up in weights.pairs()}
+    write_lora(LoraWeights.from_tensors(copied), root / path, layout)
+
+
+def _json_set(root: Path, path: str, field: str, value: object) -> None:
+    data = json.loads((root / path).read_text(encoding="utf-8"))
+    data[field] = value
+    (root / path).write_text(json.dumps(data), encoding="utf-8")
+
+
+def _write_json(root: Path, path: str, value: object) -> None:
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_text(json.dumps(value), encoding="utf-8")
+
+
+def _copy(root: Path, src: str, dst: str) -> None:
+    (root / dst).parent.mkdir(parents=True, exist_ok=True)
+    if (root / src).is_dir():
+        shutil.copytree(root / src, root / dst)
+    else:
+        shutil.copyfile(root / src, root / dst)
+
+
+def _truncate_end(root: Path, path: str, drop: int) -> None:
+    data = (root / path).read_bytes()
+    (root / path).write_bytes(data[:-drop])
+
+
+def _mkfifo(root: Path, path: str) -> None:
+    """Replace `path` (if any) by a named pipe: opening it for reading would block forever."""
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).unlink(missing_ok=True)
+    os.mkfifo(root / path)
+
+
+def _symlink(root: Path, path: str, target: str) -> None:
+    """Replace `path` (if any) by a symlink to `target` (an absolute path such as /dev/zero, or relative)."""
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).unlink(missing_ok=True)
+    (root / path).symlink_to(target)
+
+
+def _manifest_set_long(root: Path, field: str, fill: str, count: int, prefix: str = "", suffix: str = "") -> None:
+    """Set a manifest field to prefix + fill * count + suffix (long ids, prompts, path components)."""
+    _manifest_set(root, field, prefix + fill * count + suffix)
+
+
+def _manifest_set_abspath(root: Path, field: str, path: str) -> None:
+    """Set a manifest field to the absolute path of root / path (a base outside the bank)."""
+    _manifest_set(root, field, str((root / path).resolve()))
+
+
+def _manifest_nest(root: Path, field: str, depth: int) -> None:
+    """Append `field: [[[...]]]`, `depth` levels deep, as raw text (safe_dump itself would recurse)."""
+    with open(root / "bank.yaml", "a", encoding="utf-8") as handle:
+        handle.write(f"{field}: {'[' * depth}{']' * depth}\n")
+
+
+def _manifest_replace(root: Path, old: str, new: str) -> None:
+    """Replace text in bank.yaml as raw characters (a NUL byte, say), bypassing the YAML writer."""
+    text = (root / "bank.yaml").read_text(encoding="utf-8")
+    assert old in text, old
+    (root / "bank.yaml").write_text(text.replace(old, new), encoding="utf-8")
+
+
 _OPS = {
     "write": _write,
     "reencode": _reencode,
@@ -238,4 +342,19 @@ _OPS = {
     "move": _move,
     "delete": _delete,
     "pickle": _pickle,
+    "png_header_size": _png_header_size,
+    "blank_png": _blank_png,
+    "lora_dtype": _lora_dtype,
+    "lora_scale": _lora_scale,
+    "relayout": _relayout,
+    "json_set": _json_set,
+    "write_json": _write_json,
+    "copy": _copy,
+    "truncate_end": _truncate_end,
+    "mkfifo": _mkfifo,
+    "symlink": _symlink,
+    "manifest_set_long": _manifest_set_long,
+    "manifest_set_abspath": _manifest_set_abspath,
+    "manifest_nest": _manifest_nest,
+    "manifest_replace": _manifest_replace,
 }

@@ -60,11 +60,12 @@ TINY_OVERRIDES = {
         "rank": 4, "alpha": 4, "max_steps": 10, "batch_size": 2, "processes": 1, "effects_per_batch": 2, "checkpoint_every": 5, "log_every": 2,
         "generator_every": 5, "lr": 0.001, "ts_weight": 1.0,  # the paper's two time scales and weights
         "anchor_steps": 0,  # the paper's cold start; the anchor-phase tests set their own
+        "compile_anchor": False,  # a compile costs more than a tiny run; test_distill.py tests it once
     },
     "acceleration": {"max_steps": 2},
     "incremental": {"generator_steps_per_effect": 2},
     "baselines": {"fm_all_in_one": {"source": "train", "steps": 4, "batch_size": 4, "rank": 4, "alpha": 4}, "merges": {"rank": 4}},
-    "evaluate": {"eval_images": 2, "stochastic_seeds": 2, "student_steps": [8, 1], "cost_requests": 8},
+    "evaluate": {"eval_images": 2, "stochastic_seeds": 2, "student_steps": [8, 1], "cost_requests": 8, "processes": 1},
 }
 
 

@@ -149,6 +149,34 @@ def test_the_anchor_phase_trains_the_student_by_ta_fm_alone_then_the_critic_star
     assert fm.read_bytes() == (tmp_path / "student" / ANCHOR / LORA_WEIGHTS).read_bytes()
 
 
+def test_the_compiled_anchor_phase_trains_the_same_student_as_the_eager_one(rolled, tiny_params, tmp_path):
+    """distill.compile_anchor: prompts padded to one shape and a compiled transformer; the same student up
+    to float rounding, the compile timed apart from the steps."""
+    root, rollouts = rolled
+    students, summaries = {}, {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled-{compiled}"
+        summaries[compiled] = run_distill(
+            _params(tiny_params, root, out, max_steps=1, anchor_steps=3, compile_anchor=compiled), rollouts, out / "student"
+        )
+        students[compiled] = load_file(out / "student" / ANCHOR / LORA_WEIGHTS)
+    assert students[True].keys() == students[False].keys()
+    moved = [k for k in students[False] if ".lora_B." in k]
+    assert any(students[False][k].abs().max() > 0 for k in moved)  # the anchor steps trained B away from zero
+    for key, eager in students[False].items():
+        torch.testing.assert_close(students[True][key], eager, rtol=1e-4, atol=1e-6)
+    assert summaries[True]["time_compile_s"] > 0 and summaries[False]["time_compile_s"] == 0
+    assert summaries[True]["anchor_updates"] == summaries[False]["anchor_updates"] == 3
+
+
+def test_a_compiled_anchor_phase_without_a_cpp_compiler_stops_before_training(rolled, tiny_params, tmp_path, monkeypatch):
+    root, rollouts = rolled
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(ConfigError, match=r"distill.compile_anchor: torch.compile on cpu needs a C\+\+ compiler .*no-such-compiler"):
+        run_distill(_params(tiny_params, root, tmp_path, anchor_steps=2, compile_anchor=True), rollouts, tmp_path / "student")
+    assert not (tmp_path / "student" / LORA_WEIGHTS).exists()
+
+
 def test_fm_all_in_one_from_a_run_without_anchor_phase_is_one_clear_error(trained, rolled, tiny_params, tmp_path):
     student, _ = trained
     root, rollouts = rolled

@@ -131,6 +131,13 @@ class AdapterSet:
         if self.active == name:
             self.activate(NONE)
 
+    def evict_teachers(self) -> None:
+        """Forget what the slots hold, as in a fresh process: each teacher's next activation copies its
+        weights in again (a cold start for cost accounting). Call it with no teacher active."""
+        if self.active in self._teachers:
+            raise ValueError(f"evict_teachers with teacher {self.active!r} active")
+        self._slot_content.clear()
+
     # ---- switching ----------------------------------------------------------------------------
     def activate(self, name: str) -> None:
         """Make `name` the only active adapter; NONE runs the plain base model."""

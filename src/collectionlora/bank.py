@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,9 +22,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from collectionlora.config import BankConfig
 from collectionlora.errors import BankError
 from collectionlora.images import load_png
-from collectionlora.lorafile import PICKLE_SUFFIXES
+from collectionlora.lorafile import ADAPTER_CONFIG, PICKLE_SUFFIXES
+from collectionlora.safefiles import check_name_lengths, inside, regular_file, walk_regular_files
+from collectionlora.yamlfile import load_yaml
 
 _PAIR_FILE = re.compile(r"^(?P<index>\d{4,})_(?P<role>source|result)\.png$")
+# Names the code gives its own adapters, judge labels and streams: an effect with one of them would be
+# mistaken for them (adapters.NONE and judge.NONE "none", the confusion matrix's pooled "other", routing's
+# "effect"/"general" streams, distill's "student"/"critic", evaluate's method and baseline adapters, edit's
+# "collection", teacher training's adapter, AdapterSet's "teacher_slot_<n>" and the merges' "merge_<method>").
+RESERVED_IDS = (
+    "none", "other", "effect", "general", "student", "critic", "teacher", "cascade", "fused", "collection",
+    "acceleration", "fm_all_in_one", "fm_all_in_one_training", "teacher_in_training", "teacher_slot_*", "merge_*",
+)
+MAX_ID_LENGTH = 64  # ids name folders, adapters and report columns
+MAX_PROMPT_LENGTH = 1000  # characters of a prompt (the text encoder sees far fewer tokens anyway)
+MAX_CRITERIA_LENGTH = 2000
+MAX_MANIFEST_BYTES = 16 << 20  # bank.yaml; a 50-effect manifest is ~12 kB
+MAX_YAML_DEPTH = 16  # the manifest schema nests 4 levels deep
+# A hub id: optional namespace, a name; letters, digits, '_', '.', '-' (huggingface_hub's rule, 96 characters each).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 class _Strict(BaseModel):
@@ -49,7 +67,7 @@ class GeneralSpec(_Strict):
 
 
 class EffectSpec(_Strict):
-    id: str = Field(pattern=r"^[a-z0-9_]+$")
+    id: str = Field(pattern=r"^[a-z0-9_]+$", max_length=MAX_ID_LENGTH)
     category: str = Field(min_length=1)
     prompt: str
     teacher: str
@@ -152,12 +170,17 @@ def load_bank(manifest_path: Path, image_size: int, max_effects: int | None = No
         if item.id in seen:
             raise BankError(f"{manifest_path}: effects[{i}].id: duplicate effect id '{item.id}'")
         seen[item.id] = i
-        if not item.prompt.strip():
-            raise BankError(f"{manifest_path}: effects[{i}].prompt: empty prompt")
+        if is_reserved(item.id):
+            raise BankError(f"{manifest_path}: effects[{i}].id: '{item.id}' is reserved (the code uses it; reserved: {', '.join(RESERVED_IDS)})")
+        _check_text(f"{manifest_path}: effects[{i}].prompt", item.prompt, MAX_PROMPT_LENGTH, "empty prompt")
+        _check_text(f"{manifest_path}: effects[{i}].category", item.category, MAX_ID_LENGTH, "empty category")
         teacher = resolver.file(f"effects[{i}].teacher", item.teacher)
+        if os.path.lexists(teacher.parent / ADAPTER_CONFIG):  # read with the teacher (its alphas): a bank file too
+            resolver.inside(teacher.parent / ADAPTER_CONFIG, f"{teacher.parent / ADAPTER_CONFIG}: file")
+            regular_file(teacher.parent / ADAPTER_CONFIG)
         pairs_dir = resolver.folder(f"effects[{i}].pairs", item.pairs)
-        if item.criteria is not None and not item.criteria.strip():
-            raise BankError(f"{manifest_path}: effects[{i}].criteria: empty criteria (leave the field out for the default)")
+        if item.criteria is not None:
+            _check_text(f"{manifest_path}: effects[{i}].criteria", item.criteria, MAX_CRITERIA_LENGTH, "empty criteria (leave the field out for the default)")
         criteria = item.criteria or default_criteria(item.prompt)
         effects.append(
             Effect(item.id, item.category, item.prompt, teacher, pairs_dir, _pair_files(resolver, pairs_dir), criteria)
@@ -166,8 +189,7 @@ def load_bank(manifest_path: Path, image_size: int, max_effects: int | None = No
     if spec.base.path is not None:
         base_dir: Path | None = resolver.folder("base.path", spec.base.path)
     else:
-        model = Path(spec.base.model)
-        base_dir = model if model.is_absolute() and model.is_dir() else None
+        base_dir = _base_model_dir(manifest_path, spec.base.model)
 
     instructions_file = resolver.file("general.instructions", spec.general.instructions)
     return Bank(
@@ -186,6 +208,44 @@ def load_bank(manifest_path: Path, image_size: int, max_effects: int | None = No
     )
 
 
+def is_reserved(effect_id: str) -> bool:
+    """Whether an effect id is one of RESERVED_IDS (an entry ending in '*' reserves the prefix before it)."""
+    return any(effect_id == name or (name.endswith("*") and effect_id.startswith(name[:-1])) for name in RESERVED_IDS)
+
+
+def _check_text(where: str, value: str, limit: int, empty: str) -> None:
+    """Manifest text (prompt, category, criteria): bounded, no control characters (NUL...), something visible."""
+    if len(value) > limit:
+        raise BankError(f"{where}: {len(value)} characters, more than {limit}")
+    control = next((c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if control is not None:
+        raise BankError(f"{where}: control character U+{ord(control):04X} not allowed")
+    if not any(unicodedata.category(c)[0] not in "CZM" and not c.isspace() for c in value):
+        raise BankError(f"{where}: {empty} (only whitespace, control or invisible characters)")
+
+
+def _base_model_dir(manifest: Path, value: str) -> Path | None:
+    """`base.model`: an absolute path to an existing local pipeline folder (returned), or a well-formed hub id
+    (None: loaded by name). A URL, an empty string, '..' or a missing folder is refused."""
+    where = f"{manifest}: base.model"
+    hint = "give a hub id (org/name) or the absolute path of a local diffusers pipeline folder"
+    if not value.strip():
+        raise BankError(f"{where}: empty; {hint}")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not Path(value).is_absolute():
+        raise BankError(f"{where}: '{value[:80]}' is a URL, not a base reference; {hint}")
+    path = Path(value)
+    if ".." in path.parts:
+        raise BankError(f"{where}: path '{value[:80]}' contains '..'; {hint}")
+    if path.is_absolute():
+        check_name_lengths(value, where)
+        if not path.is_dir():
+            raise BankError(f"{where}: no local folder {value[:200]}; {hint}")
+        return path
+    if "--" in value or ".." in value or not _HUB_ID.match(value):
+        raise BankError(f"{where}: '{value[:80]}' is neither a well-formed hub id nor an absolute path; {hint}")
+    return None
+
+
 def default_criteria(prompt: str) -> str:
     """An effect's judging criteria when the manifest gives none: the instruction, plainly applied."""
     return (
@@ -194,29 +254,19 @@ def default_criteria(prompt: str) -> str:
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
-
-    def construct_mapping(self, node, deep=False):
-        keys = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in keys:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark
-                )
-            keys.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _parse_spec(manifest_path: Path) -> BankSpec:
+    if regular_file(manifest_path).st_size > MAX_MANIFEST_BYTES:
+        raise BankError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes; not a bank manifest")
     try:
         data = manifest_path.read_bytes()
     except OSError as error:
         raise BankError(f"{manifest_path}: cannot read ({error.strerror})") from error
     text = decode_utf8(manifest_path, data)
+    if "\x00" in text:
+        raise BankError(f"{manifest_path}: line {text[: text.index(chr(0))].count(chr(10)) + 1}: NUL character in the YAML")
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+        _check_depth(manifest_path, text)
+        raw = load_yaml(text)  # yamlfile.py: the loader params.yaml uses too (duplicate keys refused)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -236,6 +286,18 @@ def _parse_spec(manifest_path: Path) -> BankSpec:
         else:
             message = first["msg"]
         raise BankError(f"{manifest_path}: {field or '<top>'}: {message}") from error
+
+
+def _check_depth(manifest_path: Path, text: str) -> None:
+    """Refuse deep nesting from the parser's events (iterative), before the recursive composer sees it."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise BankError(f"{manifest_path}: line {event.start_mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _field_path(loc: tuple) -> str:
@@ -265,6 +327,7 @@ class _Resolver:
     def _resolve(self, field: str, value: str) -> Path:
         if not value:
             raise BankError(f"{self.manifest}: {field}: empty path")
+        check_name_lengths(value, f"{self.manifest}: {field}")
         relative = Path(value)
         if relative.is_absolute():
             raise BankError(
@@ -278,13 +341,13 @@ class _Resolver:
 
     def inside(self, path: Path, where: str) -> None:
         """A symlink anywhere along the path must not lead outside the root."""
-        if not path.resolve().is_relative_to(self.real_root):
-            raise BankError(f"{where} escapes the bank root (resolves to {path.resolve()})")
+        inside(path, self.real_root, where)
 
     def file(self, field: str, value: str) -> Path:
         path = self._resolve(field, value)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise BankError(f"{self.manifest}: {field}: missing file {path}")
+        regular_file(path, f"{self.manifest}: {field}: {path}")
         return path
 
     def folder(self, field: str, value: str) -> Path:
@@ -299,9 +362,10 @@ def _pair_files(resolver: _Resolver, folder: Path) -> tuple[tuple[Path, Path], .
     found: dict[str, dict[str, Path]] = {}
     for path in sorted(folder.iterdir()):
         match = _PAIR_FILE.match(path.name)
-        if match is None or not path.is_file():
+        if match is None:
             raise BankError(f"{path}: unexpected entry in a pairs folder (expected NNNN_source.png / NNNN_result.png)")
         resolver.inside(path, f"{path}: file")
+        regular_file(path)
         found.setdefault(match["index"], {})[match["role"]] = path
     if not found:
         raise BankError(f"{folder}: no pairs (expected NNNN_source.png + NNNN_result.png)")
@@ -332,9 +396,10 @@ def _load_pair_images(pairs: tuple[tuple[Path, Path], ...], image_size: int) -> 
 def _png_files(resolver: _Resolver, folder: Path) -> tuple[Path, ...]:
     files = []
     for path in sorted(folder.iterdir()):
-        if path.suffix != ".png" or not path.is_file():
+        if path.suffix != ".png":
             raise BankError(f"{path}: unexpected entry in an image folder (expected *.png files)")
         resolver.inside(path, f"{path}: file")
+        regular_file(path)
         files.append(path)
     if not files:
         raise BankError(f"{folder}: no PNG images")
@@ -372,12 +437,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root`, keyed by posix path relative to it, in sorted order."""
+def tree_hashes(root: Path, bank_root: Path | None = None) -> dict[str, str]:
+    """sha256 of every file under `root`, keyed by posix path relative to it, in sorted order. Only regular
+    files are read (a FIFO or a device is refused by `stat`); with `bank_root`, no symlink may leave it."""
     hashes = {}
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(folder) / name
-            hashes[path.relative_to(root).as_posix()] = file_sha256(path)
+    for path in walk_regular_files(Path(root), bank_root):
+        hashes[path.relative_to(root).as_posix()] = file_sha256(path)
     return dict(sorted(hashes.items()))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
 # Nothing may reach the network at run time: no hub downloads, no telemetry.
 for _name, _value in {
@@ -29,7 +28,7 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 from collectionlora.config import Params, load_params
-from collectionlora.errors import CollectionLoraError
+from collectionlora.errors import CollectionLoraError, ConfigError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 effects_app = typer.Typer(help="The procedural effect catalog.", no_args_is_help=True)
@@ -68,17 +67,8 @@ def one_line_errors(command: Callable) -> Callable:
 
 
 def params_from(path: Path, sets: list[str] | None) -> Params:
-    overrides: dict = {}
-    for item in sets or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--set {item!r}: expected section.key=value")
-        node = overrides
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return load_params(path, overrides)
+    """params.yaml with the command's `--set` items on top; an error names the file or the item."""
+    return load_params(path, sets=sets or ())
 
 
 @effects_app.command("list")
@@ -226,12 +216,16 @@ def distill(
     loaded = params_from(params, set_)
     if auto_resume:
         if resume:
-            raise typer.BadParameter("--resume and --auto-resume exclude each other")
+            raise ConfigError("distill: --resume and --auto-resume exclude each other")
         from collectionlora.distill.run import auto_resume as decide
+        from collectionlora.runlock import claim
 
-        resume = decide(loaded, rollouts, out, warm_start)
-        typer.echo(f"distill: {'resuming the interrupted run' if resume else 'a fresh run'} in {out}")
-    summary = run_distill(loaded, rollouts, out, resume, warm_start)
+        with claim(out, "distill"):  # auto_resume may clear OUT: never while another run writes it
+            resume = decide(loaded, rollouts, out, warm_start)
+            typer.echo(f"distill: {'resuming the interrupted run' if resume else 'a fresh run'} in {out}")
+            summary = run_distill(loaded, rollouts, out, resume, warm_start)
+    else:
+        summary = run_distill(loaded, rollouts, out, resume, warm_start)
     if "collection" in summary:  # rank 0
         typer.echo(
             f"{summary['steps']} steps ({summary['generator_updates']} generator updates) in {summary['seconds']:.0f} s -> {out}"
@@ -242,11 +236,11 @@ def distill(
 @one_line_errors
 def edit(
     image: Annotated[Path, typer.Option(help="Input image (any size; centre-cropped and resized).")],
-    out: Annotated[Path, typer.Option(help="Output PNG.")],
+    out: Annotated[Path, typer.Option(help="Output PNG (missing parent folders are created; written whole or not at all).")],
     effect: Annotated[str | None, typer.Option(help="Effect id (see OUT/collection.json, or the bank manifest for other LoRAs).")] = None,
     then: Annotated[str | None, typer.Option(help="A second effect applied after the first, in the same pass (the student).")] = None,
     steps: Annotated[
-        int | None, typer.Option(min=1, help="Sampling steps: few-step 8 (trained), 4, 2 or 1; the teacher sampler's default is sampling.teacher_steps.")
+        int | None, typer.Option(help="Sampling steps: few-step 8 (trained), 4, 2 or 1; the teacher sampler's default is sampling.teacher_steps.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     collection: Annotated[Path, typer.Option(help="Collection folder (for --lora student).")] = Path("artifacts/student"),
@@ -542,7 +536,7 @@ def pipeline_run(
     for item in param or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"--param {item!r}: expected name=value")
+            raise ConfigError(f"--param {item!r}: expected name=value")
         arguments[key] = value
     loaded = params_from(params, set_)
     kfp_token(api_host(host))  # a missing token is one line before compiling

@@ -6,6 +6,8 @@ a silent default hidden in code.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -20,12 +22,15 @@ from pydantic import (
 )
 
 from collectionlora.errors import ConfigError
+from collectionlora.yamlfile import load_yaml, yaml_problem
 
 
 class Section(BaseModel):
-    """A params.yaml section: unknown keys are errors, so typos do not pass silently."""
+    """A params.yaml section: unknown keys are errors, so typos do not pass silently. Values are strict
+    (YAML `true` is not the integer 1, "5" is not a number) and floats finite (`.inf` is no learning rate);
+    only paths and tuples accept their YAML spelling (a string, a list): those fields say `strict=False`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class TinyArchitecture(Section):
@@ -33,7 +38,7 @@ class TinyArchitecture(Section):
     attention_head_dim: int = Field(ge=4)
     num_attention_heads: int = Field(ge=1)
     joint_attention_dim: int = Field(ge=4)
-    axes_dims_rope: tuple[int, int, int]
+    axes_dims_rope: tuple[int, int, int] = Field(strict=False)
     vae_factor: int = Field(ge=1)
     text_hidden_size: int = Field(ge=4)
     text_layers: int = Field(ge=1)
@@ -51,7 +56,7 @@ class TinyArchitecture(Section):
 
 class BaseConfig(Section):
     model: str
-    path: Path
+    path: Path = Field(strict=False)
     pipeline: Literal["QwenImageEditPlusPipeline", "QwenImageEditPipeline"]
     device: str
     dtype: Literal["float32", "bfloat16", "float16"]
@@ -127,10 +132,13 @@ class DemoBankConfig(Section):
 
 
 class BankConfig(Section):
-    root: Path
-    manifest: Path
+    root: Path = Field(strict=False)
+    manifest: Path = Field(strict=False)
     image_size: int = Field(ge=8)
     min_pairs: int = Field(ge=1)
+    # validate refuses a teacher whose delta, ||(alpha/r) B@A||_F over the base weights' ||W||_F summed over
+    # its adapted modules, is below this: it would edit nothing (loradelta.py)
+    min_teacher_delta: float = Field(gt=0, lt=1)
     max_effects: int | None = Field(default=..., ge=1)  # only the manifest's first N effects (scaling runs); null = all
     effects: list[str] | None = Field(default=..., min_length=1)  # only these effect ids, in manifest order; null = all
 
@@ -138,7 +146,7 @@ class BankConfig(Section):
 class DemoConfig(Section):
     eval_images: int = Field(ge=1)
     grid_scale: int = Field(ge=1)
-    out: Path
+    out: Path = Field(strict=False)
 
 
 class RolloutConfig(Section):
@@ -165,7 +173,7 @@ class PromptingConfig(Section):
     aop: bool  # off (ablation): the student sees the teacher's own prompt
     trigger_seed: int
     trigger_candidates: int = Field(ge=1)  # random triggers tried per effect; the most orthogonal set wins
-    suffix_length: tuple[int, int]  # random alphanumeric suffix length range, inclusive
+    suffix_length: tuple[int, int] = Field(strict=False)  # random alphanumeric suffix length range, inclusive
     captioner: Literal["template", "vlm"]
     vlm: VlmConfig
 
@@ -196,6 +204,9 @@ class DistillConfig(Section):
     # one teacher call per effect; the reference gets several from its one-effect-per-GPU ranks;
     # 1 = one effect per step
     effects_per_batch: int = Field(ge=1)
+    # torch.compile the anchor phase's student forward and backward (one tensor shape: prompts padded to
+    # the longest): faster per step after a one-off compile; needs a C++ compiler on the CPU (g++)
+    compile_anchor: bool
     lr: float = Field(gt=0)
     critic_lr: float = Field(gt=0)
     # constant (paper, reference); cosine: both learning rates decay to 0 over the run's steps
@@ -210,7 +221,7 @@ class DistillConfig(Section):
     ts: bool
     ts_weight: float = Field(ge=0)
     ts_generator_last: int = Field(ge=1)  # TS generator time from the last N entries of the step list
-    ts_critic_range: tuple[float, float]  # TS critic time, pre-shift, [low, high)
+    ts_critic_range: tuple[float, float] = Field(strict=False)  # TS critic time, pre-shift, [low, high)
     ta_fm: bool
     ta_fm_weight: float = Field(ge=0)
     ta_fm_repeats: int = Field(ge=1)  # TA-FM draws (time, noise) per target row per generator step; paper 1
@@ -300,6 +311,8 @@ class EvaluateConfig(Section):
     structure_quantile: float = Field(ge=0, le=1)
     samples_per_effect: int = Field(ge=1)  # eval sources per effect shown in samples.png
     cost_requests: int = Field(ge=1)  # simulated request stream for adapter loads/switches per request
+    # processes editing effects side by side (evaluate/parallel.py), sharing base.threads; 1 = in process
+    processes: int = Field(ge=1)
     seed: int
     gate: GateConfig
 
@@ -308,7 +321,7 @@ class SimilarityModelConfig(Section):
     """A local transformers checkpoint folder (config.json, weights, preprocessor_config.json); never downloaded."""
 
     enabled: bool
-    path: Path | None
+    path: Path | None = Field(strict=False)
 
     @model_validator(mode="after")
     def _enabled_needs_a_path(self) -> SimilarityModelConfig:
@@ -452,23 +465,89 @@ class Params(Section):
     kfp: KfpConfig
 
 
-def load_params(path: Path | str = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read and validate params.yaml; `overrides` is a nested dict merged on top (tests, CLI -S)."""
+def load_params(path: Path | str = "params.yaml", overrides: dict | None = None, sets: Sequence[str] = ()) -> Params:
+    """Read and validate params.yaml; `overrides` is a nested dict merged on top (tests), then `sets`, the
+    CLI's `--set section.key=value` items. An error names the file (or the `--set` item) and the field."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read params ({error})") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections")
+    raw = _read_params_file(path)
     if overrides:
         raw = merge(raw, overrides)
+    applied = []
+    for item in sets:
+        keys, value = parse_set(item)
+        raw = merge(raw, _nested(keys, value))
+        applied.append((keys, item))
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {field}: {first['msg']}") from error
+        loc = tuple(str(part) for part in first["loc"])
+        # the last --set that wrote this field (or a section holding it, or a value inside it) is to blame
+        origin = next((f"--set {item!r}" for keys, item in reversed(applied) if _overlaps(keys, loc)), str(path))
+        raise ConfigError(f"{origin}: {'.'.join(loc)}: {_problem(first)}") from error
+
+
+def parse_set(item: str) -> tuple[tuple[str, ...], object]:
+    """A `--set section.key=value` item as (key path, YAML value); a malformed one is a ConfigError naming it."""
+    key, sep, text = item.partition("=")
+    keys = tuple(key.strip().split("."))
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        return keys, load_yaml(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({yaml_problem(error, with_line=False)})") from error
+
+
+def _read_params_file(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read params ({error.strerror or error})") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {error.start})") from error
+    try:
+        raw = load_yaml(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: {yaml_problem(error)}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return raw
+
+
+def _nested(keys: tuple[str, ...], value: object) -> dict:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def _overlaps(keys: tuple[str, ...], loc: tuple[str, ...]) -> bool:
+    shared = min(len(keys), len(loc))
+    return keys[:shared] == loc[:shared]
+
+
+def _problem(error: dict) -> str:
+    """A pydantic error as the rest of the line: unknown keys suggest the nearest known one; a wrong
+    value is shown as it was read (`true`, `inf`, a string)."""
+    if error["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(tuple(error["loc"][:-1])), n=1)
+        return "unknown key" + (f" (did you mean '{near[0]}'?)" if near else "")
+    if error["type"] == "missing":
+        return "missing key"
+    given = error.get("input")
+    return error["msg"] + ("" if isinstance(given, (dict, list, tuple)) else f" (got {given!r:.80})")
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys of the params section at `loc` (empty for a free-form mapping)."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -10,20 +10,22 @@ teacher or a cascade is what `evaluate` scores."""
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from collectionlora.adapters import AdapterSet
-from collectionlora.bank import Bank, Effect, file_sha256, open_bank
+from collectionlora.bank import Bank, Effect, open_bank
 from collectionlora.config import BaseConfig, Params, SamplingConfig
-from collectionlora.distill.export import COLLECTION, LORA_WEIGHTS, read_collection
+from collectionlora.distill.export import COLLECTION, LORA_WEIGHTS, check_collection_files, read_collection
 from collectionlora.distill.prompting import PromptPlan, compose_prompt
-from collectionlora.errors import CollectionLoraError
+from collectionlora.errors import CollectionLoraError, OutputError
 from collectionlora.images import load_image_fitted, save_png
-from collectionlora.lorafile import base_linear_shapes, read_lora, refuse_pickle
+from collectionlora.lorafile import atomic_write, base_linear_shapes, read_lora, refuse_pickle
 from collectionlora.models.backbone import Backbone
 from collectionlora.sampling import sample_student, student_timesteps
+from collectionlora.writable import check_output_file
 
 COLLECTION_ADAPTER = "collection"
 # What `edit --lora` applies besides a file path, and the two samplers (sampling.py).
@@ -42,6 +44,26 @@ def student_prompt_for(collection: Path, record: dict, effect: str, then: str | 
     return compose_prompt(prompt, plan.student(then)) if then else prompt
 
 
+def student_step_list(collection: Path, record: dict, sampling: SamplingConfig, steps: int | None) -> list[float]:
+    """The step list for `steps` (None: the trained one). Another count is allowed only when each of its
+    times is one the student was trained at (the shift rule gives 8 -> 4, 2, 1), so the student is never
+    asked to denoise from a noise level it has not seen."""
+    trained = [float(t) for t in record["timesteps"]]
+    if steps is None or steps == len(trained):
+        return trained
+
+    def seen(count: int) -> bool:
+        return all(any(abs(t - u) < 1e-3 for u in trained) for t in student_timesteps(sampling, count))
+
+    if steps >= 1 and seen(steps):
+        return student_timesteps(sampling, steps)
+    valid = [str(n) for n in range(len(trained), 0, -1) if n == len(trained) or seen(n)]
+    raise CollectionLoraError(
+        f"{Path(collection) / COLLECTION}: timesteps: the student was trained at {len(trained)} timesteps "
+        f"({', '.join(f'{t:g}' for t in trained)}); {steps} steps would sample at others (use {' or '.join(valid)} steps)"
+    )
+
+
 def recorded_base(collection: Path, record: dict) -> Path | None:
     """The base folder collection.json names. distill records it relative to the collection folder, so
     `edit` works from any working directory and the file holds no path of the machine that wrote it."""
@@ -55,17 +77,6 @@ def recorded_base(collection: Path, record: dict) -> Path | None:
             "(the path is relative to the collection folder; pass --base)"
         )
     return folder
-
-
-def check_collection_files(collection: Path, record: dict, lora: Path) -> None:
-    """The LoRA must be the one collection.json describes: a swapped or truncated file edits wrongly."""
-    expected = record.get("files", {}).get(LORA_WEIGHTS)
-    if expected is None:
-        raise CollectionLoraError(f"{Path(collection) / COLLECTION}: files.{LORA_WEIGHTS}: missing (re-run distill)")
-    if not lora.is_file():
-        raise CollectionLoraError(f"{lora}: missing (the collection's LoRA)")
-    if file_sha256(lora) != expected:
-        raise CollectionLoraError(f"{lora}: sha256 differs from {Path(collection) / COLLECTION} files.{LORA_WEIGHTS} (not the LoRA this collection describes)")
 
 
 class CollectionEditor:
@@ -95,10 +106,8 @@ class CollectionEditor:
         return student_prompt_for(self.collection, self.record, effect, then)
 
     def timesteps(self, steps: int | None) -> list[float]:
-        """The trained step list, or the same rule's list for another number of steps."""
-        if steps in (None, len(self.trained_timesteps)):
-            return self.trained_timesteps
-        return student_timesteps(self.sampling, steps)
+        """The trained step list, or the same rule's list for another number of steps (a sub-list of it)."""
+        return student_step_list(self.collection, self.record, self.sampling, steps)
 
     def edit(self, source: torch.Tensor, prompt: str, steps: int | None, seed: int) -> torch.Tensor:
         """One [3, H, W] source (at the base's resolution) edited by `prompt`."""
@@ -122,19 +131,33 @@ def run_edit(
 ) -> Path:
     """Edit `image` with the collection's student (`lora` "student", `steps` defaulting to the trained
     step list) or with another LoRA on the bank's base (see `run_lora_edit`); writes the PNG `out`."""
-    check_edit_options(lora, effect, prompt, then, sampler, accelerate, Path(out))
+    check_edit_options(lora, effect, prompt, then, sampler, accelerate, steps, Path(out))
     if lora != STUDENT:
         return run_lora_edit(params, lora, effect, image, out, prompt, steps, seed, base, sampler, accelerate)
-    if prompt is None:  # before loading the base
-        prompt = student_prompt_for(collection, read_collection(collection), effect, then)
+    record = read_collection(collection)  # everything below up to the editor: before loading the base
+    if prompt is None:
+        prompt = student_prompt_for(collection, record, effect, then)
+    student_step_list(collection, record, params.sampling, steps)
+    source = load_image_fitted(Path(image), params.base.resolution)
     editor = CollectionEditor(collection, params.base, params.sampling, base)
-    source = load_image_fitted(Path(image), editor.backbone.resolution)
-    save_png(editor.edit(source, prompt, steps, seed), Path(out))
-    return Path(out)
+    return write_edit(editor.edit(source, prompt, steps, seed), Path(out))
 
 
-def check_edit_options(lora: str, effect: str | None, prompt: str | None, then: str | None, sampler: str | None, accelerate: bool, out: Path) -> None:
-    """Contradictory or missing options are one line before anything is loaded."""
+def write_edit(image: torch.Tensor, out: Path) -> Path:
+    """The PNG written whole or not at all (a temp file renamed); a failed write is one line naming `out`.
+    Missing parent folders are created, as every stage creates its --out folder."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, partial(save_png, image))
+    except OSError as error:
+        raise OutputError(f"{out}: cannot write the edited image ({error.strerror or error})") from error
+    return out
+
+
+def check_edit_options(
+    lora: str, effect: str | None, prompt: str | None, then: str | None, sampler: str | None, accelerate: bool, steps: int | None, out: Path
+) -> None:
+    """Contradictory or missing options, and an --out that cannot be written, are one line before anything is loaded."""
     if effect is None and prompt is None:
         raise CollectionLoraError("edit: give --effect (an effect id) or --prompt (an instruction)")
     if prompt is not None and not prompt.strip():
@@ -151,8 +174,9 @@ def check_edit_options(lora: str, effect: str | None, prompt: str | None, then: 
         raise CollectionLoraError("edit: the student samples in few steps by itself; --accelerate and --sampler teacher apply to other LoRAs")
     if lora == ACCELERATION and accelerate:
         raise CollectionLoraError("edit: --accelerate stacks the acceleration LoRA on another LoRA; --lora acceleration applies it alone")
-    if out.is_dir():
-        raise CollectionLoraError(f"{out}: is a folder; --out names the PNG to write")
+    if steps is not None and steps < 1:
+        raise CollectionLoraError(f"edit: --steps {steps}: at least 1 sampling step")
+    check_output_file(out, "--out")
 
 
 def run_lora_edit(
@@ -197,8 +221,7 @@ def run_lora_edit(
         nfe = len(timesteps) if timesteps else sampling.teacher_steps * (2 if sampling.teacher_cfg_scale != 1.0 else 1)
         method = Method(lora, f"edit --lora {lora}", backbone, adapters, {key: key}, {key: chosen.prompt if prompt is None else prompt}, timesteps, nfe)
         edited = sample_method(method, key, source[None], [seed], sampling)[0]
-    save_png(edited, Path(out))
-    return Path(out)
+    return write_edit(edited, Path(out))
 
 
 def lora_file(bank: Bank, lora: str, effect: Effect | None) -> Path:

@@ -31,3 +31,12 @@ class CaptionError(CollectionLoraError):
 
 class PipelineError(CollectionLoraError):
     """The Kubeflow pipeline cannot be compiled, uploaded or run as asked (bad IR, host, token, params)."""
+
+
+class OutputError(CollectionLoraError):
+    """A stage cannot write its output folder: disk full, read-only, no permission, file too large
+    (what was there before is left as it was)."""
+
+
+class OutputInUseError(OutputError):
+    """Another run (another terminal, a retried task) is writing the same output folder."""

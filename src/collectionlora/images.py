@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from collectionlora.errors import BankError
 
@@ -35,21 +36,28 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def load_png(path: Path, size: int | None = None) -> torch.Tensor:
-    """Load an RGB PNG strictly: a corrupt file or a wrong mode or size is a BankError naming the file."""
+    """Load an RGB PNG strictly: a corrupt file or a wrong mode or size is a BankError naming the file.
+
+    Format, mode and size come from the header (Pillow's lazy open) and are checked before any pixel is
+    decoded, so a header claiming 100000x100000 costs nothing; Pillow's decompression-bomb warning is an
+    error here, for the same reason when no size is asked for."""
     try:
-        with Image.open(path) as handle:
-            handle.load()
-            if handle.format != "PNG":
-                raise BankError(f"{path}: expected a PNG image, got {handle.format}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = Image.open(path, formats=["PNG"])
+        with handle:
             if handle.mode != "RGB":
                 raise BankError(f"{path}: expected mode RGB, got {handle.mode}")
             if size is not None and handle.size != (size, size):
-                raise BankError(f"{path}: expected size {size}x{size}, got {handle.size[0]}x{handle.size[1]}")
+                raise BankError(f"{path}: expected size {size}x{size}, got {handle.size[0]}x{handle.size[1]} (refused before decoding)")
+            handle.load()
             return from_pil(handle)
     except BankError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BankError(f"{path}: image refused before decoding ({' '.join(str(error).split())})") from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise BankError(f"{path}: unreadable image ({error})") from error
+        raise BankError(f"{path}: unreadable image ({' '.join(str(error).split())})") from error
 
 
 def load_image_fitted(path: Path, size: int) -> torch.Tensor:
@@ -62,12 +70,21 @@ def load_image_fitted(path: Path, size: int) -> torch.Tensor:
 
 
 def decode_image_fitted(data: bytes, size: int, name: str) -> torch.Tensor:
-    """Encoded image bytes (PNG, JPEG, ...) as `load_image_fitted` would load them; `name` goes in errors."""
+    """Encoded image bytes (PNG, JPEG, ...) as `load_image_fitted` would load them; `name` goes in errors.
+    A header claiming more pixels than Pillow's decompression-bomb limit is refused before decoding (as
+    `load_png` does), so a user's 100000x100000 upload costs nothing and prints no Pillow warning."""
     try:
-        with Image.open(io.BytesIO(data)) as handle:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = Image.open(io.BytesIO(data))
+        with handle:
             image = handle.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BankError(f"{name}: image refused before decoding ({' '.join(str(error).split())})") from error
+    except UnidentifiedImageError as error:
+        raise BankError(f"{name}: unreadable image (not an image format Pillow knows)") from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise BankError(f"{name}: unreadable image ({error})") from error
+        raise BankError(f"{name}: unreadable image ({' '.join(str(error).split())})") from error
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))

@@ -9,11 +9,13 @@ number of teachers. Every tensor read is checked for NaN/inf.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,8 +27,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from collectionlora.errors import BankError, LoraFileError
+from collectionlora.safefiles import check_safetensors_file, regular_file, weight_map_files
 
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib"})
+# LoRA matrices must be floating point; an integer or bool tensor is no trained adapter (safetensors dtype names).
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+MAX_CONFIG_BYTES = 16 << 20  # adapter_config.json: a few kB in practice
+# rank_pattern / alpha_pattern keys are regular expressions matched against module paths: bounded length, a
+# small alphabet (no backreferences, no {m,n}), no quantified groups and few quantifiers, so none can backtrack
+# for long (a polynomial of low degree in a module path's length).
+MAX_PATTERN_LENGTH = 256
+MAX_PATTERN_QUANTIFIERS = 3
+_PATTERN_ALPHABET = re.compile(r"^(?:[A-Za-z0-9_.|()*+?^$\[\]!:=-]|\\[.\-_dw])+$")
 WriteLayout = Literal["diffusers", "peft", "kohya"]
 
 # Where diffusers keeps a LoRA's peft config inside the safetensors header (`save_lora_weights`).
@@ -143,6 +155,7 @@ def refuse_pickle(path: Path) -> None:
     message = f"{path}: pickle files are refused; convert to safetensors"
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraFileError(message)
+    _regular_file(path)
     try:
         with open(path, "rb") as handle:
             head = handle.read(2)
@@ -171,8 +184,10 @@ def read_lora_header(path: Path, base_shapes: dict[str, tuple[int, int]] | None)
     try:
         with safe_open(str(path), framework="pt") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            for key in shapes:
+                _check_dtype(path, key, handle.get_slice(key).get_dtype())
             metadata = handle.metadata() or {}
-            alphas = {key: handle.get_tensor(key) for key in shapes if key.endswith(".alpha")}
+            alphas = {key: handle.get_tensor(key) for key in shapes if key.endswith(".alpha") and math.prod(shapes[key]) == 1}
     except (SafetensorError, OSError) as error:
         raise LoraFileError(f"{path}: not a valid safetensors file ({_one_line(error)})") from error
     if not shapes:
@@ -205,7 +220,7 @@ def read_lora_header(path: Path, base_shapes: dict[str, tuple[int, int]] | None)
                     f"(out={base_out}, in={base_in})"
                 )
         if "alpha" in roles:
-            alpha = _alpha_value(path, roles["alpha"], alphas[roles["alpha"]])
+            alpha = _alpha_value(path, roles["alpha"], alphas.get(roles["alpha"]))
         elif config is not None:
             alpha = _alpha_from_config(config, module, rank)
         else:
@@ -276,9 +291,16 @@ def _check_pair(source: str, a_key: str, a_shape: tuple, b_key: str, b_shape: tu
         )
 
 
-def _alpha_value(path: Path, key: str, tensor: torch.Tensor) -> float:
-    if tensor.numel() != 1:
-        raise LoraFileError(f"{path}: tensor {key}: alpha must be a scalar, got shape {list(tensor.shape)}")
+def _check_dtype(path: Path, key: str, dtype: str) -> None:
+    """A/B matrices must be floating point; a kohya `.alpha` scalar may also be an integer (`torch.tensor(8)`)."""
+    if dtype in FLOAT_DTYPES or (key.endswith(".alpha") and dtype[0] in "IU" and dtype[1:].isdigit()):
+        return
+    raise LoraFileError(f"{path}: tensor {key}: dtype {dtype} is not floating point (expected one of {', '.join(sorted(FLOAT_DTYPES))})")
+
+
+def _alpha_value(path: Path, key: str, tensor: torch.Tensor | None) -> float:
+    if tensor is None:
+        raise LoraFileError(f"{path}: tensor {key}: alpha must be a scalar")
     value = float(tensor.float().reshape(()))
     if not (value > 0 and value != float("inf")):
         raise LoraFileError(f"{path}: tensor {key}: alpha must be finite and positive, got {value}")
@@ -308,7 +330,9 @@ def _peft_config_source(path: Path, metadata: dict[str, str]) -> _PeftSource | N
             raw = {k.removeprefix("transformer."): v for k, v in raw.items() if k.startswith("transformer.")}
         return _parse_peft_config(where, raw)
     config_path = path.parent / ADAPTER_CONFIG
-    if config_path.is_file():
+    if os.path.lexists(config_path):
+        if _regular_file(config_path).st_size > MAX_CONFIG_BYTES:
+            raise LoraFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
         try:
             raw = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -320,21 +344,65 @@ def _peft_config_source(path: Path, metadata: dict[str, str]) -> _PeftSource | N
 def _parse_peft_config(where: str, raw: object) -> _PeftSource:
     if not isinstance(raw, dict):
         raise LoraFileError(f"{where}: expected a JSON object")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(raw.get(field), (int, float)) or isinstance(raw.get(field), bool):
-            raise LoraFileError(f"{where}: {field}: missing or not a number")
     for field in ("use_rslora", "use_dora"):
         if raw.get(field):
             raise LoraFileError(f"{where}: {field}: not supported (plain LoRA only)")
+    _check_base_name(where, raw.get("base_model_name_or_path"))
     patterns = {}
-    for field in ("rank_pattern", "alpha_pattern"):
+    for field, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
         value = raw.get(field) or {}
         if not isinstance(value, dict):
             raise LoraFileError(f"{where}: {field}: expected a mapping")
-        patterns[field] = value
+        patterns[field] = {_checked_pattern(f"{where}: {field}", key): check(f"{where}: {field}[{key!r}]", v) for key, v in value.items()}
     return _PeftSource(
-        where, int(raw["r"]), float(raw["lora_alpha"]), patterns["rank_pattern"], patterns["alpha_pattern"]
+        where, _rank(f"{where}: r", raw.get("r")), _alpha(f"{where}: lora_alpha", raw.get("lora_alpha")),
+        patterns["rank_pattern"], patterns["alpha_pattern"],
     )
+
+
+def _rank(where: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LoraFileError(f"{where}: expected a positive integer rank, got {value!r}")
+    return value
+
+
+def _alpha(where: str, value: object) -> float:
+    """alpha/r scales the adapter: NaN, inf, zero or negative would silence, flip or blow it up."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise LoraFileError(f"{where}: expected a finite positive alpha, got {value!r}")
+    return float(value)
+
+
+def _checked_pattern(where: str, pattern: object) -> str:
+    """A rank/alpha pattern is a regular expression (peft's rule); only small, non-backtracking ones pass."""
+    if not isinstance(pattern, str) or not pattern:
+        raise LoraFileError(f"{where}: patterns must be non-empty strings, got {pattern!r}")
+    shown = repr(pattern[:60]) + ("..." if len(pattern) > 60 else "")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise LoraFileError(f"{where}: pattern {shown} is longer than {MAX_PATTERN_LENGTH} characters")
+    if not _PATTERN_ALPHABET.match(pattern):
+        raise LoraFileError(
+            rf"{where}: pattern {shown}: only letters, digits, _ . - | ( ) * + ? ^ $ [ ] ! : = and the escapes \. \- \_ \d \w are allowed"
+        )
+    if re.search(r"\)[*+]", pattern) or pattern.count("*") + pattern.count("+") > MAX_PATTERN_QUANTIFIERS:
+        raise LoraFileError(
+            f"{where}: pattern {shown}: a quantified group or more than {MAX_PATTERN_QUANTIFIERS} * / + quantifiers "
+            "(refused: such patterns can backtrack for a very long time)"
+        )
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise LoraFileError(f"{where}: pattern {shown}: invalid regular expression ({error})") from error
+    return pattern
+
+
+def _check_base_name(where: str, value: object) -> None:
+    """peft's base_model_name_or_path is informational here (the bank names the base), but never a URL or a
+    path climbing out with '..'."""
+    if value is None:
+        return
+    if not isinstance(value, str) or "://" in value or ".." in Path(value).parts or any(ord(c) < 32 for c in value):
+        raise LoraFileError(f"{where}: base_model_name_or_path: {str(value)[:80]!r} is no hub id or local path (URL, '..' or control characters)")
 
 
 def _pattern_value(where: str, patterns: dict, module: str) -> object | None:
@@ -350,11 +418,11 @@ def _pattern_value(where: str, patterns: dict, module: str) -> object | None:
 
 def _alpha_from_config(config: _PeftSource, module: str, rank: int) -> float:
     pattern_rank = _pattern_value(config.where, config.rank_pattern, module)
-    expected = config.r if pattern_rank is None else int(pattern_rank)
+    expected = config.r if pattern_rank is None else pattern_rank
     if expected != rank:
         raise LoraFileError(f"{config.where}: r: says rank {expected} for {module}, the file has rank {rank}")
     pattern_alpha = _pattern_value(config.where, config.alpha_pattern, module)
-    return config.lora_alpha if pattern_alpha is None else float(pattern_alpha)
+    return config.lora_alpha if pattern_alpha is None else pattern_alpha
 
 
 def peft_config_for(weights: LoraWeights) -> peft.LoraConfig:
@@ -420,15 +488,14 @@ def write_lora(weights: LoraWeights, path: Path, layout: WriteLayout) -> None:
         packed = {f"transformer.{k}": v for k, v in _config_dict(weights).items()}
         metadata[DIFFUSERS_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+
+    def write(tmp: Path) -> None:
         save_safetensors(tensors, tmp, metadata)
         _sort_metadata(tmp)
         if layout == "peft":
             atomic_write_text(path.parent / ADAPTER_CONFIG, json.dumps(_config_dict(weights), indent=2, sort_keys=True))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
 
 
 def _sort_metadata(path: Path) -> None:
@@ -448,8 +515,15 @@ def _sort_metadata(path: Path) -> None:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, but with the mode of every other file we write (see `ordinary_permissions`)."""
-    save_file(tensors, str(path), metadata=metadata)
+    """safetensors' `save_file`, but with the mode of every other file we write (see `ordinary_permissions`),
+    and a failed write (disk full, read-only) raised as the OSError it is, naming the file."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
     ordinary_permissions(path)
 
 
@@ -470,14 +544,57 @@ def ordinary_permissions(path: Path) -> None:
             os.chmod(target, 0o666 & ~mask)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temp)` a temp file beside `path`, fsync it, rename it to `path`, fsync the folder: readers
+    (and the re-run of a killed stage) see the old file or the whole new one, even after a power cut."""
+    path = Path(path)
     tmp = _tmp_name(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync(path.parent)
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temp files `atomic_write` leaves under `folder` when its process is killed mid-write
+    (call it holding the folder's run lock, runlock.py: no other run is writing one)."""
+    for path in Path(folder).rglob(".*.tmp-*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so readers never see half a file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_folder(staging: Path, final: Path) -> None:
+    """Put the fully written folder `staging` in place of `final` (whole or not at all): its files are
+    fsynced, the old `final` is renamed aside and removed after the new one is in place."""
+    staging, final = Path(staging), Path(final)
+    for item in sorted(staging.rglob("*"), reverse=True):  # files before their folders
+        if not item.is_symlink():
+            _fsync(item)
+    _fsync(staging)
+    aside = final.with_name(f".{final.name}.old-{os.getpid()}")
+    for leftover in final.parent.glob(f".{final.name}.old-*"):  # of a run killed between the two renames
+        shutil.rmtree(leftover, ignore_errors=True)
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(staging, final)
+    _fsync(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _tmp_name(path: Path) -> Path:
@@ -489,21 +606,9 @@ def base_linear_shapes_from_safetensors(transformer_dir: Path) -> dict[str, tupl
 
     Only headers are parsed, so checking LoRAs against a 20B base costs no weight I/O.
     """
-    transformer_dir = Path(transformer_dir)
-    index = transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
-    single = transformer_dir / "diffusion_pytorch_model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = [transformer_dir / name for name in sorted(set(weight_map.values()))]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise BankError(f"{index}: cannot read weight_map ({_one_line(error)})") from error
-    elif single.is_file():
-        files = [single]
-    else:
-        raise BankError(f"{transformer_dir}: no diffusion_pytorch_model.safetensors(.index.json) found")
     shapes: dict[str, tuple[int, int]] = {}
-    for file in files:
+    for file in transformer_weight_files(transformer_dir):
+        check_safetensors_file(file)
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
@@ -513,6 +618,18 @@ def base_linear_shapes_from_safetensors(transformer_dir: Path) -> dict[str, tupl
         except (SafetensorError, OSError) as error:
             raise BankError(f"{file}: not a valid safetensors file ({_one_line(error)})") from error
     return shapes
+
+
+def transformer_weight_files(transformer_dir: Path) -> list[Path]:
+    """The safetensors file(s) of a diffusers `transformer/` folder: its sharded index's shards, else the single file."""
+    transformer_dir = Path(transformer_dir)
+    index = transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
+    single = transformer_dir / "diffusion_pytorch_model.safetensors"
+    if os.path.lexists(index):
+        return weight_map_files(index, None)
+    if os.path.lexists(single):
+        return [single]
+    raise BankError(f"{transformer_dir}: no diffusion_pytorch_model.safetensors(.index.json) found")
 
 
 def base_linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -528,6 +645,13 @@ def base_linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
         if isinstance(child, torch.nn.Linear):
             shapes[name] = (child.out_features, child.in_features)
     return shapes
+
+
+def _regular_file(path: Path) -> os.stat_result:
+    try:
+        return regular_file(path)
+    except BankError as error:
+        raise LoraFileError(str(error)) from error
 
 
 def _one_line(error: BaseException) -> str:

@@ -4,21 +4,24 @@ many Euler steps with CFG (the paper's "Base" targets, docs/method.md 7.2).
 The cache is content-addressed: a target's file name is the sha256 of everything it depends on (the
 base, the teacher file, the source image, the prompt, the sampler settings and the seed), so adding
 an effect computes that effect only, changing a teacher recomputes its targets only, and a killed run
-resumes where it stopped. Layout under `out`:
-    <effect>/<key>.png      one target, written atomically (temp file, then rename)
+resumes where it stopped. Targets are sampled in fixed batches of the effect's target list (a batch
+with any target missing is sampled whole, only its missing targets written), so a resumed run writes
+the same bytes as an uninterrupted one. Layout under `out`:
+    <effect>/<key>.png      one target, written atomically (temp file, fsync, then rename)
     <effect>/index.jsonl    one line per (source, sample), written when the effect is complete
     index.jsonl             the lines of every bank effect rolled out so far, in bank order
-    report.json             computed / cached / seconds per effect of the last run
+    report.json             computed / cached / seconds per effect of the last run, written last; a
+                            run that will change OUT removes it first, so it marks a completed run
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +33,12 @@ from collectionlora.config import BaseConfig, RolloutConfig, SamplingConfig
 from collectionlora.effects.base import stable_seed
 from collectionlora.errors import RolloutError
 from collectionlora.images import load_png, save_png
-from collectionlora.lorafile import ADAPTER_CONFIG, atomic_write_text
+from collectionlora.lorafile import (
+    ADAPTER_CONFIG,
+    atomic_write,
+    atomic_write_text,
+    remove_temp_files,
+)
 from collectionlora.models.backbone import Backbone
 from collectionlora.sampling import sample_teacher
 
@@ -99,9 +107,12 @@ def generate_rollouts(
     Returns the report."""
     out = Path(out)
     started = time.perf_counter()
+    remove_temp_files(out)  # of a run killed mid-write (this one holds OUT's lock, runlock.py)
     fingerprint = base_hash(bank)
     adapters = AdapterSet(backbone.transformer)
     plans = [_plan_effect(bank, effect, fingerprint, base, sampling, rollout, out) for effect in effects]
+    if any(plan.misses or _index_text(plan.records) != _read_text(out / plan.effect.id / INDEX) for plan in plans):
+        (out / REPORT).unlink(missing_ok=True)  # the completion marker: back when this run, which changes OUT, completes
     # one bar over the targets still to sample (cached ones take no time and would skew its estimate)
     missing = sum(len(plan.misses) for plan in plans)
     with tqdm(total=missing, desc="rollout", unit="target", mininterval=2.0, disable=missing == 0) as bar:  # all cached: no bar
@@ -126,6 +137,8 @@ def load_rollouts(out: Path, bank: Bank, effect_ids: list[str]) -> dict[str, Eff
     """Read the chosen effects' rollouts, refusing any that are missing or no longer match the bank
     (teacher, base, source or prompt changed), so a trainer never learns from stale targets."""
     out = Path(out)
+    if not out.is_dir():  # never rolled out here (a wrong --rollouts, or the stage not run yet)
+        raise RolloutError(f"{out}: missing: no rollouts there; run `collectionlora rollout` first (--out {out}, or `dvc repro rollout`)")
     fingerprint = base_hash(bank)
     return {effect_id: _load_effect(out, bank, bank.effect(effect_id), fingerprint) for effect_id in effect_ids}
 
@@ -201,32 +214,26 @@ def _roll_effect(
         sources = bank.load_pairs(effect)[0]
         adapters.add_teacher(effect.id, effect.teacher)
         adapters.activate(effect.id)
-        for start in range(0, len(misses), rollout.batch_size):
-            batch = misses[start : start + rollout.batch_size]
+        keys, missing = list(rows), set(misses)
+        for start in range(0, len(keys), rollout.batch_size):
+            batch = keys[start : start + rollout.batch_size]  # fixed batches: a target's pixels never depend on the cache
+            if missing.isdisjoint(batch):
+                continue
             picked = sources[torch.tensor([rows[key][0] for key in batch])]
             seeds = [rows[key][1] for key in batch]
             images = sample_teacher(backbone, picked, [effect.prompt] * len(batch), seeds, sampling).images
-            for key, image in zip(batch, images):
-                _save_png_atomic(image, folder / f"{key}.png")
-            bar.update(len(batch))
+            written = [(key, image) for key, image in zip(batch, images) if key in missing]
+            for key, image in written:
+                atomic_write(folder / f"{key}.png", partial(save_png, image))
+            bar.update(len(written))
         adapters.activate(NONE)
         adapters.drop_teacher(effect.id)
 
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / INDEX, "".join(json.dumps(record) + "\n" for record in records))
+    atomic_write_text(folder / INDEX, _index_text(records))
     _remove_stale(folder, set(rows))
     seconds = round(time.perf_counter() - started, 3)
     return {"computed": len(misses), "cached": len(rows) - len(misses), "seconds": seconds}
-
-
-def _save_png_atomic(image: torch.Tensor, path: Path) -> None:
-    """A killed run leaves at most a temp file, never a partial PNG under a final (cache-hit) name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_png(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _remove_stale(folder: Path, keys: set[str]) -> None:
@@ -266,7 +273,7 @@ def _write_combined_index(bank: Bank, out: Path) -> None:
 # ---- reading -------------------------------------------------------------------------------------
 def _load_effect(out: Path, bank: Bank, effect: Effect, fingerprint: BaseHash) -> EffectRollouts:
     index = out / effect.id / INDEX
-    rerun = f"run `collectionlora rollout --effects {effect.id}`"
+    rerun = f"run `collectionlora rollout --effects {effect.id}` (--out {out}, or `dvc repro rollout`)"
     if not index.is_file():
         raise RolloutError(f"{index}: missing: no rollouts for effect '{effect.id}'; {rerun}")
     current = {
@@ -313,6 +320,14 @@ def _read_index(index: Path) -> list[dict]:
             raise RolloutError(f"{index}: line {line}: {missing[0]}: missing field")
         records.append(record)
     return records
+
+
+def _index_text(records: list[dict]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def _canonical(value: object) -> str:

@@ -6,6 +6,7 @@ Each takes typed config sections and explicit paths; none reads params.yaml itse
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from collectionlora.adapters import NONE, AdapterSet
@@ -27,6 +28,7 @@ from collectionlora.rollout import generate_rollouts, select_effects
 from collectionlora.sampling import sample_teacher
 from collectionlora.teachers import save_teacher, train_teacher
 from collectionlora.validate import run_validate
+from collectionlora.writable import check_output_folder
 
 __all__ = [
     "run_acceleration_train", "run_baselines", "run_distill", "run_evaluate", "run_judge_train", "run_preview", "run_register", "run_rollout",
@@ -64,10 +66,14 @@ def run_preview(params: Params, out: Path) -> Path:
 def run_rollout(params: Params, out: Path, effects: list[str] | None = None) -> dict:
     """Teacher targets for the bank's effects (or the named subset, one KFP task each), reusing every
     target already in `out`; returns the report (computed / cached per effect). See rollout.py."""
+    from collectionlora.runlock import claim
+
     bank = open_bank(params.bank)
     chosen = select_effects(bank, effects)  # an unknown id fails before anything is loaded or written
-    backbone = Backbone.load(params.base, bank.base_dir)
-    return generate_rollouts(backbone, bank, chosen, params.base, params.sampling, params.rollout, Path(out))
+    check_output_folder(out)
+    with claim(out, "rollout"):
+        backbone = Backbone.load(params.base, bank.base_dir)
+        return generate_rollouts(backbone, bank, chosen, params.base, params.sampling, params.rollout, Path(out))
 
 
 def run_teacher_train(params: Params, pairs: Path, prompt: str, out: Path, base: Path | None = None) -> Path:
@@ -114,37 +120,56 @@ def run_acceleration_train(params: Params, out: Path) -> Path:
 
 def run_distill(params: Params, rollouts: Path, out: Path, resume: bool = False, warm_start: Path | None = None) -> dict:
     """Distil the bank's teachers (from their rollouts) into one student LoRA; see distill/run.py.
-    With `distill.processes` > 1 the run goes to that many torchrun workers (distill/launch.py)."""
+    With `distill.processes` > 1 the run goes to that many torchrun workers (distill/launch.py).
+    Rank 0 holds `out` (runlock.py): the only rank that writes it."""
+    from contextlib import nullcontext
+
     from collectionlora.distill import launch
     from collectionlora.distill.run import distill_collection
+    from collectionlora.runlock import claim
 
-    if launch.needs_launch(params):
-        return launch.launch(params, rollouts, out, resume, warm_start)
-    return distill_collection(params, rollouts, out, resume, warm_start)
+    check_output_folder(out)  # the rollouts, a checkpoint and a warm start are read before OUT is written (distill/run.py)
+    writes = os.environ.get("RANK", "0") == "0"
+    with claim(out, "distill") if writes else nullcontext():
+        if launch.needs_launch(params):
+            return launch.launch(params, rollouts, out, resume, warm_start)
+        return distill_collection(params, rollouts, out, resume, warm_start)
 
 
 def run_baselines(params: Params, rollouts: Path, student: Path, out: Path) -> dict:
     """The alternatives to the student (FM all-in-1 with the student prompts of `student`/prompts.json, a
     distill output, taken from its anchor/ or trained on the rollouts; PEFT merges of the teachers) into
     `out`; see evaluate/baselines.py."""
-    from collectionlora.distill.export import PROMPTS
-    from collectionlora.distill.prompting import read_prompt_plan
-    from collectionlora.evaluate.baselines import write_baselines
+    from collectionlora.evaluate.baselines import anchor_lora, write_baselines
     from collectionlora.rollout import load_rollouts
+    from collectionlora.runlock import claim
+    from collectionlora.upstream import student_prompts
 
     bank = open_bank(params.bank)
-    plan = read_prompt_plan(Path(student) / PROMPTS, [e.id for e in bank.effects])
+    plan = student_prompts(Path(student), bank)  # the inputs first: a missing or stale one names the stage to run
     targets = load_rollouts(Path(rollouts), bank, [e.id for e in bank.effects])
-    backbone = Backbone.load(params.base, bank.base_dir)
-    return write_baselines(params, backbone, bank, targets, plan, Path(student), Path(out))
+    if params.baselines.fm_all_in_one.source == "anchor":
+        anchor_lora(Path(student))
+    check_output_folder(out)
+    with claim(out, "baselines"):
+        backbone = Backbone.load(params.base, bank.base_dir)
+        return write_baselines(params, backbone, bank, targets, plan, Path(student), Path(out))
 
 
 def run_evaluate(params: Params, collection: Path, baselines: Path | None, out: Path, params_file: Path = Path("params.yaml")) -> dict:
     """Every method of `evaluate.methods` scored on the bank's eval sources, the report and the gate in
     `out`; returns metrics.json's content. See evaluate/run.py."""
+    from collectionlora.distill.prompting import PromptPlan
     from collectionlora.evaluate.run import evaluate_collection
+    from collectionlora.runlock import claim
+    from collectionlora.upstream import evaluated_baselines, trained_collection
 
-    return evaluate_collection(params, Path(collection), baselines, Path(out), params_file)
+    bank = open_bank(params.bank)  # the inputs first: a missing or stale one names the stage to run
+    record = trained_collection(Path(collection), bank)
+    evaluated_baselines(params, baselines, bank, PromptPlan.from_json(record["prompts"]))
+    check_output_folder(out)
+    with claim(out, "evaluate"):
+        return evaluate_collection(params, Path(collection), baselines, Path(out), params_file)
 
 
 def run_register(
@@ -152,6 +177,10 @@ def run_register(
 ) -> dict:
     """The evaluated collection as a new MLflow model version (alias `challenger`; `champion` by the
     gate-and-beat rule); returns registration.json's content. See registry/register.py."""
-    from collectionlora.registry.register import register_collection
+    from contextlib import nullcontext
 
-    return register_collection(params, Path(collection), Path(evaluation), Path(manifest), out, require_pass, Path(repo)).to_json()
+    from collectionlora.registry.register import register_collection
+    from collectionlora.runlock import claim
+
+    with claim(out, "register") if out is not None else nullcontext():
+        return register_collection(params, Path(collection), Path(evaluation), Path(manifest), out, require_pass, Path(repo)).to_json()

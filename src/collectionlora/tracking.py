@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -80,41 +82,128 @@ def open_experiment(config: TrackingConfig):
 
 
 class RunLogger:
-    """One MLflow run plus `metrics.jsonl`; inactive (no MLflow, no file) on ranks other than 0."""
+    """One MLflow run plus `metrics.jsonl`; inactive (no MLflow, no file) on ranks other than 0.
+
+    The server must answer when the run starts. If it goes away later (stopped, a timeout) training goes
+    on: every record is in metrics.jsonl first, the ones the server did not take are kept and sent when
+    it answers /health again (checked at each later log call), and it is said once on stderr, not per
+    step. How long the first failing call takes is MLflow's: MLFLOW_HTTP_REQUEST_TIMEOUT and
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES. What is still unsent at close() is reported in one line.
+    """
 
     def __init__(self, config: TrackingConfig, run_name: str, params: dict, metrics_file: Path, active: bool, resume_run_id: str | None = None):
         self.active = active
         self.metrics_file = Path(metrics_file)
         self.run_id: str | None = None
+        self._closed = False
         if not active:
             return
-        import mlflow
+        from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
 
+        # The client API, not the fluent one: no process-wide active run that a server gone away at the
+        # end would leave behind (fluent's end_run cannot skip the server).
         client, experiment_id = open_experiment(config)
         uri = redact(tracking_uri(config))
-        self._mlflow = mlflow
+        self._client = client
+        self._uri, self._probe_uri = uri, tracking_uri(config)
+        self._pending: list = []  # mlflow Metric records the server has not taken yet
+        self._away = False  # the server failed a call and has not answered since
         if resume_run_id and not _run_exists(client, resume_run_id):
             # a checkpoint moved to another machine or tracking server: its run is not there to continue
             print(f"tracking: run {resume_run_id} of the checkpoint is not in {uri}; logging the resumed steps to a new run", file=sys.stderr)
             resume_run_id = None
         if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)
+            client.update_run(resume_run_id, status="RUNNING")
+            self.run_id = resume_run_id
         else:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-            mlflow.log_params(flatten_params(params))
-        self.run_id = run.info.run_id
+            self.run_id = client.create_run(experiment_id, run_name=run_name, tags=resolve_tags()).info.run_id
+            flat = [Param(key, value) for key, value in flatten_params(params).items()]
+            for start in range(0, len(flat), 100):  # MLflow takes 100 params per call
+                client.log_batch(self.run_id, params=flat[start : start + 100])
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
-        self._mlflow.log_metrics(metrics, step=step)
         with open(self.metrics_file, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self._send()
 
     def close(self, status: str = "FINISHED") -> None:
-        if self.active and self._mlflow.active_run() is not None:
-            self._mlflow.end_run(status=status)
+        """Send what is pending and mark the run `status` (a second close does nothing)."""
+        if not self.active or self._closed:
+            return
+        self._closed = True
+        self._send()
+        if self._away:
+            steps = sorted({metric.step for metric in self._pending})
+            _say(
+                f"tracking: {self._uri} still does not answer: {len(steps)} metric records (steps {steps[0]}-{steps[-1]}) were not "
+                f"logged (they are in {self.metrics_file}) and run {self.run_id} stays RUNNING there",
+            )
+            return
+        try:
+            self._client.set_terminated(self.run_id, status)
+        except tracking_errors() as error:
+            _say(f"tracking: run {self.run_id} could not be marked {status} in {self._uri} ({one_line_error(error)})")
+
+    def _send(self) -> None:
+        """Log the pending records in batches (MLflow takes 1000 metrics per call); on a failure keep the
+        rest and say so once; while the server is away, try again only once /health answers."""
+        if not self._pending:
+            return
+        if self._away and not _answers(self._probe_uri):
+            return
+        try:
+            while self._pending:
+                self._client.log_batch(self.run_id, metrics=self._pending[:1000])
+                del self._pending[:1000]
+        except tracking_errors() as error:
+            if not self._away:
+                _say(
+                    f"tracking: {self._uri} did not take the metrics ({one_line_error(error)}); training goes on, metrics are kept in "
+                    f"{self.metrics_file} and logged when the server answers again",
+                )
+            self._away = True
+            return
+        if self._away:
+            _say(f"tracking: {self._uri} answers again; the metrics kept meanwhile are logged")
+        self._away = False
+
+
+def _say(line: str) -> None:
+    """One line on stderr, above any progress bar (not glued to the end of one)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a call to an unavailable tracking server raises: MLflow's error after its retries, or the
+    transport's (requests) or the operating system's."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.RequestException, OSError)
+
+
+def _answers(uri: str) -> bool:
+    try:
+        check_reachable(uri)
+    except CollectionLoraError:
+        return False
+    return True
+
+
+def one_line_error(error: BaseException) -> str:
+    """The error's message on one line, at most 200 characters, with no user:password@ of a URL."""
+    text = re.sub(r"//[^/@\s]+@", "//", " ".join(str(error).split()))
+    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def _run_exists(client, run_id: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from collectionlora.bank import Bank, decode_utf8, file_sha256, open_bank, tree_
 from collectionlora.config import BankConfig
 from collectionlora.errors import BankError
 from collectionlora.images import load_png
+from collectionlora.loradelta import base_norms_squared, check_delta
 from collectionlora.lorafile import (
     ADAPTER_CONFIG,
     LoraWeights,
@@ -24,6 +26,7 @@ from collectionlora.lorafile import (
     base_linear_shapes_from_safetensors,
     read_lora,
 )
+from collectionlora.safefiles import check_model_tree
 
 MANIFEST = "manifest.json"
 
@@ -39,8 +42,15 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None, 
         raise BankError(
             f"{manifest_path}: the bank root is the manifest's folder, but bank.root is {bank_config.root}"
         )
-    checks = ["manifest schema, unique ids, non-empty prompts", "paths inside the bank root", "no pickle files"]
+    checks = [
+        "manifest schema, unique ids, non-empty prompts", "paths inside the bank root", "no pickle files",
+        "ids not reserved, ids and prompts bounded, prompts visible", "base: a local folder or a well-formed hub id",
+    ]
     bank = open_bank(bank_config)  # what the stages will use: bank.effects / bank.max_effects applied
+    for folder in [bank.judge, bank.base_dir]:
+        if folder is not None:  # a base outside the bank (an absolute base.model) may hold symlinks (a hub cache)
+            check_model_tree(folder, bank.root if folder.resolve().is_relative_to(bank.root.resolve()) else None)
+    checks.append("base and judge: regular files only, symlinks inside the bank, safetensors files whole")
 
     for effect in bank.effects:
         if len(effect.pairs) < bank_config.min_pairs:
@@ -66,8 +76,21 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None, 
     acceleration = None if bank.acceleration is None else read_lora(bank.acceleration, base_shapes)
     checks.append(
         "teacher LoRAs" + (" and the acceleration LoRA" if acceleration is not None else "")
-        + ": safetensors, finite, keys normalised"
+        + ": safetensors, floating point, finite, keys normalised"
         + (", shapes fit the base" if base_shapes is not None else " (no local base: shapes not checked)")
+    )
+    # teachers must edit: delta >= bank.min_teacher_delta; a few-step acceleration LoRA may be small, not zero
+    loras = {effect.teacher: (teachers[effect.id], bank_config.min_teacher_delta) for effect in bank.effects}
+    if acceleration is not None:
+        loras[bank.acceleration] = (acceleration, 0.0)
+    base_norms = None
+    if bank.base_dir is not None:
+        adapted = {module for weights, _ in loras.values() for module in weights.modules}
+        base_norms = base_norms_squared(bank.base_dir / "transformer", adapted)
+    deltas = {path: check_delta(path, weights, base_norms, minimum) for path, (weights, minimum) in loras.items()}
+    checks.append(
+        f"teacher deltas >= bank.min_teacher_delta={bank_config.min_teacher_delta:g} of the base weights"
+        if base_norms is not None else "teacher deltas non-zero (no local base: relative size not checked)"
     )
 
     manifest = {
@@ -85,11 +108,11 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None, 
                 "category": effect.category,
                 "prompt": effect.prompt,
                 "pairs": len(effect.pairs),
-                "teacher": _teacher_summary(bank, effect.teacher, teachers[effect.id]),
+                "teacher": _teacher_summary(bank, effect.teacher, teachers[effect.id], deltas[effect.teacher]),
             }
             for effect in bank.effects
         ],
-        "acceleration": None if acceleration is None else _teacher_summary(bank, bank.acceleration, acceleration),
+        "acceleration": None if acceleration is None else _teacher_summary(bank, bank.acceleration, acceleration, deltas[bank.acceleration]),
         "general": {"sources": len(bank.general_sources), "instructions": len(bank.instructions)},
         "eval": {"sources": len(bank.eval_sources)},
         "files": _referenced_hashes(bank),
@@ -100,8 +123,9 @@ def run_validate(bank_config: BankConfig, out_dir: Path, dvc_file: Path | None, 
     return manifest
 
 
-def _teacher_summary(bank: Bank, path: Path, weights: LoraWeights) -> dict:
-    """Ranks, alphas and targeted module kinds (block indices folded to '*'), not the full module list."""
+def _teacher_summary(bank: Bank, path: Path, weights: LoraWeights, delta: float) -> dict:
+    """Ranks, alphas, targeted module kinds (block indices folded to '*'), not the full module list, and the
+    delta (relative to the base weights with a local base, else absolute; loradelta.py)."""
     kinds = sorted({re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name) for name in weights.modules})
     return {
         "path": bank.relative(path),
@@ -110,6 +134,7 @@ def _teacher_summary(bank: Bank, path: Path, weights: LoraWeights) -> dict:
         "ranks": sorted(set(weights.ranks().values())),
         "alphas": sorted(set(weights.alphas().values())),
         "targets": kinds,
+        "delta": float(f"{delta:.4g}") if math.isfinite(delta) else None,
     }
 
 
@@ -146,7 +171,7 @@ def _referenced_hashes(bank: Bank) -> dict[str, str]:
         folders.append(bank.base_dir)
     for folder in folders:
         prefix = bank.relative(folder)
-        hashes.update({f"{prefix}/{name}": digest for name, digest in tree_hashes(folder).items()})
+        hashes.update({f"{prefix}/{name}": digest for name, digest in tree_hashes(folder, bank.root).items()})
     return dict(sorted(hashes.items()))
 
 

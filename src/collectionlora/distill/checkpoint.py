@@ -8,7 +8,6 @@ written under a temporary name and renamed, so a checkpoint either exists whole 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -16,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from collectionlora.errors import CollectionLoraError
-from collectionlora.lorafile import ordinary_permissions
+from collectionlora.lorafile import ordinary_permissions, replace_folder, save_safetensors
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
@@ -48,6 +48,11 @@ class TrainState:
     cached_step: int | None = None
     cached_stream: str | None = None
     cached_effects: list[str] | None = None
+    # What metrics.json reports for the whole run, carried over a resume: the trainer's Timings fields,
+    # the adapter set's teacher loads and switches, and the run's seconds up to this checkpoint.
+    timings: dict[str, float] = field(default_factory=dict)
+    adapter_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -79,15 +84,19 @@ def restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer, names: list
 def save_checkpoint(folder: Path, state: TrainState, fingerprint: dict, tensors: dict[str, torch.Tensor], keep: int) -> Path:
     """Write checkpoints/step-NNNNNNNN atomically, then delete all but the newest `keep`."""
     folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(".step-*"):  # staging folders of a killed run (the output lock: no other writer)
+        shutil.rmtree(leftover, ignore_errors=True)
     final = folder / f"step-{state.step:08d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS)
-    record = {"state": asdict(state), "fingerprint": fingerprint}
-    (staging / STATE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    ordinary_permissions(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    try:
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS)
+        record = {"state": asdict(state), "fingerprint": fingerprint}
+        (staging / STATE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        ordinary_permissions(staging)
+        replace_folder(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk gets its space back
+        raise
     for stale in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(stale)
     return final
@@ -102,13 +111,19 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint folder read whole; a damaged file (a truncated copy, a full disk) is one line naming it."""
+    remedy = f"remove {path} to resume from the checkpoint before it, or start a new run"
     try:
         record = json.loads((path / STATE).read_text(encoding="utf-8"))
         state = TrainState(**record["state"])
-        tensors = load_file(path / WEIGHTS)
+        fingerprint = record["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({' '.join(str(error).split())})") from error
-    return Checkpoint(state, record["fingerprint"], tensors, path)
+        raise CheckpointError(f"{path / STATE}: unreadable checkpoint state ({' '.join(str(error).split())}); {remedy}") from error
+    try:
+        tensors = load_file(path / WEIGHTS)
+    except (SafetensorError, OSError) as error:  # safetensors' own error is no OSError
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable checkpoint weights ({' '.join(str(error).split())}); {remedy}") from error
+    return Checkpoint(state, fingerprint, tensors, path)
 
 
 def check_fingerprint(checkpoint: Checkpoint, current: dict) -> None:

@@ -93,6 +93,11 @@ class DistillData:
             else []
         )
 
+    @property
+    def student_text_length(self) -> int:
+        """Tokens of the longest student prompt state: the anchor phase pads every batch to it."""
+        return max(row.shape[0] for data in self._effects.values() for row in data.student)
+
     def batch(self, stream: Stream, row_effects: Sequence[str] | None, step: int, seed: int, items: list[int]) -> StepBatch:
         """Rows for this rank's `items` of the step's global batch, drawn per item (rank-independent);
         in the effect stream `row_effects[i]` is the effect of `items[i]`."""

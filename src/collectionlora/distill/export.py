@@ -18,7 +18,7 @@ from collectionlora import lorafile
 from collectionlora.bank import file_sha256
 from collectionlora.distill.prompting import PromptPlan
 from collectionlora.errors import CollectionLoraError
-from collectionlora.lorafile import atomic_write_text
+from collectionlora.lorafile import atomic_write_text, replace_folder
 from collectionlora.models.backbone import DTYPES
 from collectionlora.sampling import student_sigmas
 
@@ -70,16 +70,16 @@ def export_anchor(state_dict: dict[str, torch.Tensor] | None, alpha: float, out:
     staging.mkdir(parents=True)
     files = export_student(state_dict, alpha, staging, "float32", kohya=False) if state_dict is not None else {}
     atomic_write_text(staging / ANCHOR_RECORD, json.dumps({"anchor_steps": steps, "rows": rows, "files": files}, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+    replace_folder(staging, final)
     return final
 
 
 def write_scheduler(out: Path) -> dict[str, str]:
     """Write `scheduler/scheduler_config.json` (load it with `FlowMatchEulerDiscreteScheduler.from_pretrained(
     out, subfolder="scheduler")`); returns {file name: sha256} for collection.json's `files`."""
-    FlowMatchEulerDiscreteScheduler(**STUDENT_SCHEDULER).save_pretrained(out / SCHEDULER)
     name = f"{SCHEDULER}/{FlowMatchEulerDiscreteScheduler.config_name}"
+    (out / SCHEDULER).mkdir(parents=True, exist_ok=True)  # the file `save_pretrained` writes, written atomically
+    atomic_write_text(out / name, FlowMatchEulerDiscreteScheduler(**STUDENT_SCHEDULER).to_json_string())
     return {name: file_sha256(out / name)}
 
 
@@ -110,13 +110,31 @@ def write_collection(out: Path, record: dict) -> Path:
 def read_collection(folder: Path) -> dict:
     """collection.json of a trained collection, with a one-line error when it is missing or broken."""
     path = Path(folder) / COLLECTION
+    if not path.is_file():
+        raise CollectionLoraError(f"{path}: missing: no trained collection in {folder}; run `collectionlora distill` first (--out {folder}, or `dvc repro distill`)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         PromptPlan.from_json(record["prompts"])
-        record["timesteps"]
+        timesteps, base = record["timesteps"], record["base"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CollectionLoraError(f"{path}: not a collection ({' '.join(str(error).split())})") from error
+    if not isinstance(base, dict):
+        raise CollectionLoraError(f"{path}: base: expected a mapping (path, model, pipeline), got {base!r:.60}")
+    numbers = isinstance(timesteps, list) and timesteps and all(type(t) in (int, float) for t in timesteps)
+    if not numbers or any(not 0 < t <= 1000 for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise CollectionLoraError(f"{path}: timesteps: expected the trained step list (decreasing numbers in (0, 1000]), got {timesteps!r:.60}")
     return record
+
+
+def check_collection_files(collection: Path, record: dict, lora: Path) -> None:
+    """The LoRA must be the one collection.json describes: a swapped or truncated file edits wrongly."""
+    expected = record.get("files", {}).get(LORA_WEIGHTS)
+    if expected is None:
+        raise CollectionLoraError(f"{Path(collection) / COLLECTION}: files.{LORA_WEIGHTS}: missing (re-run distill)")
+    if not lora.is_file():
+        raise CollectionLoraError(f"{lora}: missing (the collection's LoRA)")
+    if file_sha256(lora) != expected:
+        raise CollectionLoraError(f"{lora}: sha256 differs from {Path(collection) / COLLECTION} files.{LORA_WEIGHTS} (not the LoRA this collection describes)")
 
 
 def write_model_card(out: Path, record: dict) -> Path:

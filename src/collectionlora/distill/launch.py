@@ -21,6 +21,7 @@ from pathlib import Path
 
 from collectionlora.config import Params, write_params
 from collectionlora.errors import CollectionLoraError
+from collectionlora.runlock import held_for_workers
 
 
 def is_worker() -> bool:
@@ -63,7 +64,8 @@ def launch(params: Params, rollouts: Path, out: Path, resume: bool, warm_start: 
     with tempfile.TemporaryDirectory(prefix="collectionlora-distill-") as tmp:
         params_file = write_params(params, Path(tmp) / "params.yaml")
         command = torchrun_command(params.distill.processes, params_file, Path(rollouts), Path(out), resume, warm_start)
-        done = subprocess.run(command, env=worker_environment(params), check=False)
+        environment = held_for_workers(worker_environment(params), Path(out))  # rank 0 writes OUT under this process's lock
+        done = subprocess.run(command, env=environment, check=False)
     if done.returncode != 0:
         raise CollectionLoraError(f"{out}: the {params.distill.processes} distill processes exited with {done.returncode} (their log is above)")
     from collectionlora.distill.export import read_collection

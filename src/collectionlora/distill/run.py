@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,11 +50,11 @@ from collectionlora.distill.trainer import CRITIC, STUDENT, Distiller
 from collectionlora.errors import CollectionLoraError
 from collectionlora.evaluate.fidelity import effect_fidelity
 from collectionlora.evaluate.judge import EffectJudge
-from collectionlora.lorafile import atomic_write_text
+from collectionlora.lorafile import atomic_write_text, remove_temp_files
 from collectionlora.models.backbone import Backbone
 from collectionlora.rollout import load_rollouts
 from collectionlora.sampling import sample_student, student_timesteps
-from collectionlora.tracking import RunLogger
+from collectionlora.tracking import RunLogger, check_reachable, tracking_uri
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.json"
@@ -133,8 +134,24 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     if warm_start is not None:  # the old student is anchored already; the new effects get the full objective
         params = params.model_copy(update={"distill": params.distill.model_copy(update={"anchor_steps": 0})})
     config = params.distill
+    if world.is_main:
+        check_reachable(tracking_uri(params.tracking))  # now, not after minutes of loading: the run logs there
+        remove_temp_files(out)  # of a run killed mid-write (this one holds OUT's lock)
     bank = open_bank(params.bank)
     checkpoints = check_start(out, resume)
+    # Every input is read before anything is written or loaded: missing or stale rollouts, a damaged
+    # checkpoint or a warm start that is no collection is one line, and OUT stays as it was.
+    effect_ids = [e.id for e in bank.effects]
+    targets = load_rollouts(rollouts, bank, effect_ids)
+    checkpoint = load_checkpoint(checkpoints[-1]) if checkpoints else None
+    old_record = export.read_collection(warm_start) if warm_start else None
+    old_effects = [e["effect"] for e in old_record["prompts"]["effects"]] if old_record else []
+    new_effects = [e for e in effect_ids if e not in old_effects]
+    if warm_start is not None and not new_effects:
+        raise CollectionLoraError(f"{params.bank.manifest}: effects: nothing to add, every effect is already in {warm_start}")
+    missing = [e for e in old_effects if e not in effect_ids]
+    if missing:
+        raise CollectionLoraError(f"{params.bank.manifest}: effects: the bank lacks {missing} of the collection {warm_start}")
     if not checkpoints and world.is_main:
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CHECKPOINTS / INPUTS, json.dumps(inputs, indent=2) + "\n")
@@ -142,17 +159,6 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     threads = params.base.threads if device.startswith("cuda") else max(1, params.base.threads // world.size)  # launch.py
     backbone = Backbone.load(params.base.model_copy(update={"device": device, "threads": threads}), bank.base_dir)
     adapters = AdapterSet(backbone.transformer)
-    old_record = export.read_collection(warm_start) if warm_start else None
-    old_effects = [e["effect"] for e in old_record["prompts"]["effects"]] if old_record else []
-    effect_ids = [e.id for e in bank.effects]
-    new_effects = [e for e in effect_ids if e not in old_effects]
-    if warm_start is not None and not new_effects:
-        raise CollectionLoraError(f"{params.bank.manifest}: effects: nothing to add, every effect is already in {warm_start}")
-    missing = [e for e in old_effects if e not in effect_ids]
-    if missing:
-        raise CollectionLoraError(f"{params.bank.manifest}: effects: the bank lacks {missing} of the collection {warm_start}")
-
-    targets = load_rollouts(rollouts, bank, effect_ids)
     plan = _prompt_plan(backbone, bank, params, out, old_record, new_effects, world, reuse=bool(checkpoints))
     for effect in bank.effects:
         adapters.add_teacher(effect.id, effect.teacher)
@@ -178,11 +184,12 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     fingerprint = _fingerprint(params, plan, rollouts, effect_ids, world, warm_start, max_steps)
 
     before = None
-    if checkpoints:
-        checkpoint = load_checkpoint(checkpoints[-1])
+    if checkpoint is not None:
         check_fingerprint(checkpoint, fingerprint)
         distiller.load_tensors(checkpoint.tensors)
         distiller.state = checkpoint.state
+        _carry_counters(distiller)
+        started -= checkpoint.state.seconds  # the run's seconds include those of its earlier segments
     elif warm_start is not None:
         previous = list_checkpoints(Path(warm_start) / CHECKPOINTS)
         if not previous:
@@ -199,14 +206,14 @@ def _distill(params: Params, rollouts: Path, out: Path, resume: bool, warm_start
     _truncate_history(out / HISTORY, distiller.state.step, world)
     status = "FAILED"
     try:
-        summary = _train(distiller, max_steps, config, out, fingerprint, logger, world)
+        summary = _train(distiller, max_steps, config, out, fingerprint, logger, world, started)
         status = "FINISHED"
     finally:
         logger.close(status)
     if not world.is_main:
         return summary
     record = _export(adapters, plan, bank, params, out, timesteps, summary, rollouts, warm_start, logger.run_id)
-    summary["seconds"] = time.perf_counter() - started
+    summary["seconds"] = time.perf_counter() - started  # of the whole run, earlier segments included
     if warm_start is not None:
         after = _old_effect_fidelity(backbone, adapters, bank, plan, old_effects, timesteps, params)
         report = {"added": new_effects, "old_effects": old_effects, "generator_steps": summary["generator_updates"], "before": before, "after": after}
@@ -270,8 +277,11 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _train(distiller: Distiller, max_steps: int, config: DistillConfig, out: Path, fingerprint: dict, logger: RunLogger, world: World) -> dict:
-    """Step until max_steps: log every log_every, checkpoint every checkpoint_every and at the end."""
+def _train(
+    distiller: Distiller, max_steps: int, config: DistillConfig, out: Path, fingerprint: dict, logger: RunLogger, world: World, started: float
+) -> dict:
+    """Step until max_steps: log every log_every, checkpoint every checkpoint_every and at the end.
+    `started`: the perf_counter time the run (with its segments before a resume) started at."""
     window: dict[str, list[float]] = defaultdict(list)
     state = distiller.state
     in_sync = True
@@ -304,7 +314,7 @@ def _train(distiller: Distiller, max_steps: int, config: DistillConfig, out: Pat
                         raise CollectionLoraError(f"distill: ranks hold different LoRA weights at step {state.step}")
                     if world.is_main:
                         with distiller.timings.measure("checkpoint"):
-                            _save(distiller, out, fingerprint, config.keep_checkpoints)
+                            _save(distiller, out, fingerprint, config.keep_checkpoints, time.perf_counter() - started)
     return {"steps": state.step, **_counters(distiller), "last_window": last_window, "world_size": world.size, "ranks_in_sync": in_sync}
 
 
@@ -323,20 +333,44 @@ def _counters(distiller: Distiller) -> dict:
     }
 
 
-def _save(distiller: Distiller, out: Path, fingerprint: dict, keep: int) -> None:
-    """A checkpoint of finite weights only: a diverging run keeps its last good checkpoint."""
+def _save(distiller: Distiller, out: Path, fingerprint: dict, keep: int, seconds: float) -> None:
+    """A checkpoint of finite weights only: a diverging run keeps its last good checkpoint. It holds
+    the run's counters and times so far (`seconds` since the run started), which a resume continues."""
     if not distiller.parameters_finite():
         tqdm.write(f"distill: non-finite weights at step {distiller.state.step}; checkpoint not written")
         return
-    save_checkpoint(out / CHECKPOINTS, distiller.state, fingerprint, distiller.tensors(), keep)
+    state = distiller.state
+    state.timings = asdict(distiller.timings)
+    state.adapter_counts = {"loads": distiller.adapters.loads, "switches": distiller.adapters.switches}
+    state.seconds = seconds
+    save_checkpoint(out / CHECKPOINTS, state, fingerprint, distiller.tensors(), keep)
+
+
+def _carry_counters(distiller: Distiller) -> None:
+    """metrics.json covers the whole run: add the times and adapter counts of the segments before the
+    checkpoint to this one's (the steps redone after a kill count once; teacher reloads do count)."""
+    state, timings = distiller.state, distiller.timings
+    for name, value in state.timings.items():
+        if hasattr(timings, name):
+            setattr(timings, name, getattr(timings, name) + value)
+    distiller.adapters.loads += state.adapter_counts.get("loads", 0)
+    distiller.adapters.switches += state.adapter_counts.get("switches", 0)
 
 
 def _truncate_history(path: Path, step: int, world: World) -> None:
-    """A resumed run re-logs the steps after its checkpoint: drop them from metrics.jsonl first."""
+    """A resumed run re-logs the steps after its checkpoint: drop them from metrics.jsonl first (and a
+    line a full disk cut short)."""
     if not world.is_main or not path.exists():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _export(

@@ -28,6 +28,7 @@ from collectionlora.distill.checkpoint import (
     optimizer_tensors,
     restore_optimizer,
 )
+from collectionlora.distill.compiled import compiled_transformer, require_compiler
 from collectionlora.distill.data import DistillData, EffectSchedule, StepBatch
 from collectionlora.distill.losses import add_noise, dmd_loss, flow_matching_loss
 from collectionlora.distill.parallel import World, all_ranks_agree, average_gradients
@@ -56,6 +57,7 @@ class Timings:
     optimizer: float = 0.0  # gradient all-reduce, clipping and the AdamW step
     logging: float = 0.0  # outside step(): metrics to the tracking server and metrics.jsonl
     checkpoint: float = 0.0  # outside step(): writing checkpoints
+    compile: float = 0.0  # inside step(): torch.compile of the anchor phase (distill.compile_anchor), once
     forwards: int = 0  # transformer forward calls
     forward_items: int = 0  # items through those forwards (a CFG teacher call counts its two halves)
     backward_items: int = 0  # items of forwards with a gradient (the ones a backward goes through)
@@ -70,7 +72,7 @@ class Timings:
             setattr(self, name, getattr(self, name) + time.perf_counter() - started)
 
     def as_dict(self) -> dict[str, float]:
-        other = max(self.total - self.forward - self.backward - self.data - self.optimizer, 0.0)
+        other = max(self.total - self.forward - self.backward - self.data - self.optimizer - self.compile, 0.0)
         return {
             "time_forward_s": self.forward,
             "time_backward_s": self.backward,
@@ -81,6 +83,7 @@ class Timings:
             "time_teacher_switch_s": self.teacher_switch,
             "time_logging_s": self.logging,
             "time_checkpoint_s": self.checkpoint,
+            "time_compile_s": self.compile,
             "transformer_forwards": self.forwards,
             "transformer_forward_items": self.forward_items,
             "transformer_backward_items": self.backward_items,
@@ -139,6 +142,9 @@ class Distiller:
         self.opt_critic = torch.optim.AdamW(list(self.critic.values()), lr=config.critic_lr, betas=betas, weight_decay=config.weight_decay)
         self.state = TrainState()
         self._cached_sample: torch.Tensor | None = None
+        self._anchor_model: torch.nn.Module | None = None  # compiled on the first anchor step (compile_anchor)
+        if config.compile_anchor and config.anchor_steps:
+            require_compiler(backbone.device)
         self.timings = Timings()
         self._device_sync: Callable[[], None] = (
             torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
@@ -194,7 +200,12 @@ class Distiller:
         bs_critic_t = schedule.critic_timesteps(schedule.uniform_items(self.config.seed, step, "bs-critic-t", batch.items), 0, schedule.GRID, self.sampling.shift)
         inputs, times, noises = self._ta_fm_draws(batch, step, bs_critic_t)
         copies = len(inputs)
-        velocity = self._velocity(STUDENT, torch.cat(inputs), torch.cat(times), batch.condition.repeat(copies, 1, 1), _repeat(batch.student_text, copies))
+        x_t, t, condition, text = torch.cat(inputs), torch.cat(times), batch.condition.repeat(copies, 1, 1), _repeat(batch.student_text, copies)
+        model = None
+        if self.config.compile_anchor:
+            text = text.padded(self.data.student_text_length)
+            model = self._compiled_anchor_model(x_t, t, condition, text)
+        velocity = self._velocity(STUDENT, x_t, t, condition, text, model)
         loss = flow_matching_loss(velocity, torch.cat(noises), batch.target.repeat(copies, 1, 1))
         ok = self._update(loss, list(self.student.values()), self.opt_student)
         self.state.anchor_updates += ok
@@ -202,6 +213,20 @@ class Distiller:
         self._advance(None, log.skipped)
         self._device_sync()
         return log
+
+    def _compiled_anchor_model(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds) -> torch.nn.Module:
+        """The compiled transformer, built on first use by one throwaway forward and backward of this
+        step's shapes, so that the compile is timed on its own and no step's gradients carry it."""
+        if self._anchor_model is None:
+            with self.timings.measure("compile"):
+                model = compiled_transformer(self.backbone.transformer)
+                self.adapters.activate(STUDENT)
+                self.backbone.velocity(x_t, t / 1000.0, condition, text, model).square().mean().backward()
+                for param in self.trainable:
+                    param.grad = None
+                self._device_sync()
+            self._anchor_model = model
+        return self._anchor_model
 
     @torch.no_grad()
     def _critic_from_student(self) -> None:
@@ -263,11 +288,14 @@ class Distiller:
             state.nonfinite_in_a_row = 0
 
     # ---- transformer calls ----------------------------------------------------------------------
-    def _velocity(self, adapter: str, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
+    def _velocity(
+        self, adapter: str, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds, model: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """`model`: a compiled view of the transformer to run instead of the eager one."""
         self.adapters.activate(adapter)
         self._device_sync()
         started = time.perf_counter()
-        velocity = self.backbone.velocity(x_t, t / 1000.0, condition, text)
+        velocity = self.backbone.velocity(x_t, t / 1000.0, condition, text, model)
         self._device_sync()
         self.timings.forward += time.perf_counter() - started
         self.timings.forwards += 1

@@ -17,7 +17,6 @@ twice; the table then reads "the student before and after its distillation itera
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from collectionlora.distill.export import ANCHOR, ANCHOR_RECORD, LORA_WEIGHTS, e
 from collectionlora.distill.prompting import PromptPlan
 from collectionlora.errors import CollectionLoraError, ConfigError
 from collectionlora.flowmatch import fit, pair_batches
-from collectionlora.lorafile import atomic_write_text, base_linear_shapes
+from collectionlora.lorafile import atomic_write_text, base_linear_shapes, replace_folder
 from collectionlora.merging import write_merges
 from collectionlora.models.backbone import Backbone
 from collectionlora.rollout import EffectRollouts
@@ -108,10 +107,22 @@ def write_baselines(
     params: Params, backbone: Backbone, bank: Bank, rollouts: dict[str, EffectRollouts], plan: PromptPlan, student: Path, out: Path
 ) -> dict:
     """Both baselines into `out` (replaced in one rename, nothing half written); returns the report."""
-    config = params.baselines
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        report = _write_staging(params, backbone, bank, rollouts, plan, student, staging)
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk gets its space back; `out` is as it was
+        raise
+    return report
+
+
+def _write_staging(
+    params: Params, backbone: Backbone, bank: Bank, rollouts: dict[str, EffectRollouts], plan: PromptPlan, student: Path, staging: Path
+) -> dict:
+    config = params.baselines
     fm = _fm_all_in_one(params, backbone, rollouts, plan, student, staging)
     merges = config.merges
     started = time.perf_counter()
@@ -129,9 +140,6 @@ def write_baselines(
         },
         "merge_seconds": time.perf_counter() - started,
     }
-    atomic_write_text(staging / REPORT, json.dumps(report, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    atomic_write_text(staging / REPORT, json.dumps(report, indent=2) + "\n")  # last: the folder is complete
     return report
 

@@ -101,14 +101,19 @@ class Evaluator:
         }
         self.templates = {e.id: tuple(t[0] for t in bank.load_pairs(e)) for e in bank.effects} if plugins.judge else {}
 
-    def run(self, method: Method) -> MethodResult:
+    def run(self, method: Method, done: dict[str, tuple[Tensor, float]] | None = None) -> MethodResult:
+        """`done`: the method's edits per effect with their seconds, made elsewhere (parallel.py)."""
         per_effect, requested, judged, samples = {}, [], [], {}
         seconds, edits = 0.0, 0
-        for effect in tqdm(self.effects, desc=method.name, leave=None):  # None: kept unless nested in another bar
+        for effect in tqdm(self.effects, desc=method.name, leave=None, disable=done is not None):  # None: kept unless nested
             sources, seeds = self.cases.rows(effect)
-            started = time.perf_counter()
-            images = edit(method, effect, sources, seeds, self.sampling)
-            seconds += time.perf_counter() - started
+            if done is None:
+                started = time.perf_counter()
+                images = edit(method, effect, sources, seeds, self.sampling)
+                seconds += time.perf_counter() - started
+            else:
+                images, took = done[effect]
+                seconds += took
             edits += len(images)
             if method.name == "teacher":
                 self.reference[effect] = images
@@ -183,6 +188,7 @@ def adapter_traffic(method: Method, effects: list[str], requests: int, seed: int
     if adapters is None:
         return {"adapter_loads_per_request": 0.0, "adapter_switches_per_request": 0.0}
     adapters.activate(NONE)
+    adapters.evict_teachers()  # cold: whatever an earlier edit left in a slot must be loaded again
     loads, switches = adapters.loads, adapters.switches
     for effect in stream:
         adapters.activate(method.adapters[effect] or NONE)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from collectionlora.evaluate.gate import GateDecision
 from collectionlora.evaluate.judge import NONE
 from collectionlora.evaluate.metrics import BleedingMatrix
 from collectionlora.images import labelled_grid, save_png
+from collectionlora.lorafile import replace_folder
 
 METRICS, PER_EFFECT, TABLE, COST, GATE = "metrics.json", "per_effect.csv", "methods.md", "cost.csv", "gate.json"
 BLEEDING, SAMPLES = "bleeding.png", "samples.png"
@@ -55,6 +55,16 @@ def write_report(out: Path, results: Sequence[MethodResult], gate: GateDecision,
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    try:
+        summary = _write_staging(staging, results, gate, context, sources, sample_methods)
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk gets its space back; `out` is as it was
+        raise
+    return summary
+
+
+def _write_staging(staging: Path, results: Sequence[MethodResult], gate: GateDecision, context: dict, sources: Tensor, sample_methods: Sequence[str]) -> dict:
     summary = metrics_json(results, gate, context)
     (staging / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (staging / GATE).write_text(json.dumps(gate.to_json(), indent=2) + "\n", encoding="utf-8")
@@ -65,9 +75,6 @@ def write_report(out: Path, results: Sequence[MethodResult], gate: GateDecision,
     (staging / TABLE).write_text(methods_markdown(results, gate, context, [r.name for r in shown]), encoding="utf-8")
     bleeding_png(shown, staging / BLEEDING)
     save_png(samples_grid(sources, shown), staging / SAMPLES)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
     return summary
 
 

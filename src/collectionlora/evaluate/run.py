@@ -18,6 +18,7 @@ from collectionlora.evaluate.evaluation import (
 from collectionlora.evaluate.gate import decide_gate
 from collectionlora.evaluate.judge import EffectJudge
 from collectionlora.evaluate.methods import MethodBuilder, check_gate_methods
+from collectionlora.evaluate.parallel import parallel_edits
 from collectionlora.evaluate.plugins import load_plugins
 from collectionlora.evaluate.report import write_report
 from collectionlora.models.backbone import Backbone
@@ -46,8 +47,9 @@ def evaluate_collection(params: Params, collection: Path, baselines: Path | None
     builder = MethodBuilder(params, bank, backbone, Path(collection), plan, baselines)
     try:
         methods = builder.build()
+        done = parallel_edits(params, bank, Path(collection), plan, baselines) if config.processes > 1 else {}
         evaluator = Evaluator(bank, judge, cases, threshold, plugins, config, params.sampling)
-        results = [evaluator.run(method) for method in methods]
+        results = [evaluator.run(method, done.get(method.name)) for method in methods]
     finally:
         builder.close()
     by_name = {r.name: r for r in results}

@@ -68,6 +68,16 @@ class PromptEmbeds:
             return list(self.embeds)
         return [e[: int(m.sum())] for e, m in zip(self.embeds, self.mask)]
 
+    def padded(self, length: int) -> PromptEmbeds:
+        """Every row padded to `length` tokens with a mask: one tensor shape whatever the prompts, for a
+        compiled transformer (the mask hides the padding, so the edit is the same up to float rounding)."""
+        rows = self.unpadded()
+        if max(r.shape[0] for r in rows) > length:
+            raise ValueError(f"a prompt has more than {length} tokens")
+        embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
+        mask = torch.stack([torch.arange(length, device=embeds.device) < r.shape[0] for r in rows]).long()
+        return PromptEmbeds(embeds, mask)
+
     def cat(self, other: PromptEmbeds) -> PromptEmbeds:
         return PromptEmbeds.stack(self.unpadded() + other.unpadded())
 
@@ -191,13 +201,16 @@ class Backbone:
         return torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
 
     # ---- the denoiser --------------------------------------------------------------------------
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
-        """The transformer's flow prediction v = noise - x0 for the target tokens (active adapters apply)."""
+    def velocity(
+        self, x_t: torch.Tensor, sigma: torch.Tensor, condition: torch.Tensor, text: PromptEmbeds, transformer: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """The transformer's flow prediction v = noise - x0 for the target tokens (active adapters apply);
+        `transformer`: a compiled wrapper of `self.transformer` to call instead."""
         batch, tokens = x_t.shape[:2]
         height, width = self.latent_hw
         shapes = [[(1, height // 2, width // 2), (1, height // 2, width // 2)]] * batch
         sigma = sigma.to(self.device, x_t.dtype).expand(batch) if sigma.dim() == 0 else sigma.to(self.device, x_t.dtype)
-        out = self.transformer(
+        out = (self.transformer if transformer is None else transformer)(
             hidden_states=torch.cat([x_t, condition], dim=1),
             timestep=sigma,
             encoder_hidden_states=text.embeds,

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collectionlora.bank import file_sha256
-from collectionlora.distill.export import LORA_WEIGHTS, MODEL_CARD, read_collection
-from collectionlora.edit import check_collection_files
+from collectionlora.distill.export import LORA_WEIGHTS, MODEL_CARD, check_collection_files, read_collection
 from collectionlora.errors import CollectionLoraError
 from collectionlora.evaluate.report import BLEEDING, GATE, METRICS, PER_EFFECT, SAMPLES, TABLE
 from collectionlora.registry.promotion import Score

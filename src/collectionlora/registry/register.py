@@ -4,6 +4,10 @@
 (models-from-code, safetensors artifacts), a new version of `registry.model_name` with lineage tags
 and the model card as its description, alias `challenger` on it, and `champion` moved only by the
 rule in promotion.py. A LoRA already registered under the name is reported, not registered again.
+A version is created tagged `registration_pending` and the tag is removed once its aliases are set; a
+registration that fails after creating it deletes it again (and puts back the aliases it took), and
+one that was killed there leaves the tag, so the next registration of that LoRA deletes the version
+first: no half-registered version is ever reported as registered.
 `promote`: the same rule for a human choosing a version, with `--force` recording who and why.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,9 +29,17 @@ from collectionlora.registry.inputs import RegistryError, evaluation_files, read
 from collectionlora.registry.lineage import lineage_tags
 from collectionlora.registry.promotion import CHALLENGER, CHAMPION, Score, decide_champion
 from collectionlora.registry.serving import EFFECT, IMAGE, SEED, STEPS, encode_request_image, signature
-from collectionlora.tracking import flatten_params, open_experiment, redact, tracking_uri
+from collectionlora.tracking import (
+    flatten_params,
+    one_line_error,
+    open_experiment,
+    redact,
+    tracking_errors,
+    tracking_uri,
+)
 
 REGISTRATION = "registration.json"
+PENDING = "registration_pending"  # tag of a version whose registration has not finished (aliases not set yet)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # logged as code, never imported here
 MODEL_NAME_IN_RUN = "collection"
 # What the model needs at load time besides collectionlora itself (pinned to this environment's versions).
@@ -61,6 +74,7 @@ def register_collection(
     tags = lineage_tags(inputs, params, Path(repo))
     client, experiment_id = open_experiment(params.tracking)
     name = params.registry.model_name
+    _remove_unfinished(client, name, inputs.lora_sha256)
     existing = _version_with_lora(client, name, inputs.lora_sha256)
     if existing is not None:
         champion = _champion(client, name)
@@ -80,6 +94,10 @@ def register_collection(
 def _register_new(params: Params, inputs, tags: dict[str, str], client, experiment_id: str, name: str) -> Registration:
     import mlflow
 
+    exists = _model_exists(client, name)
+    current = _champion(client, name) if exists else None
+    current_score = _score_of(client, name, current) if current else None  # fails before anything is registered
+    before = {CHALLENGER: _alias_holder(client, name, CHALLENGER), CHAMPION: current} if exists else {}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{inputs.record['name']}") as run:
         _log_evaluation(mlflow, params, inputs, tags)
         model = mlflow.pyfunc.log_model(
@@ -91,17 +109,22 @@ def _register_new(params: Params, inputs, tags: dict[str, str], client, experime
             input_example=_input_example(params, inputs),
             pip_requirements=_requirements(),
         )
-    if not _model_exists(client, name):
+    if not exists:
         client.create_registered_model(name, description="Effect LoRAs distilled into one few-step LoRA by collectionlora.")
     version = client.create_model_version(
-        name, model.model_uri, run_id=run.info.run_id, tags=tags, description=version_description(inputs, name), model_id=model.model_id
+        name, model.model_uri, run_id=run.info.run_id, tags={**tags, PENDING: "true"}, description=version_description(inputs, name),
+        model_id=model.model_id,
     ).version
     version = str(version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    current = _champion(client, name)
-    decision = decide_champion(version, inputs.score, current, _score_of(client, name, current) if current else None)
-    if decision.move:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    try:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        decision = decide_champion(version, inputs.score, current, current_score)
+        if decision.move:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        client.delete_model_version_tag(name, version, PENDING)  # registered: the version is complete
+    except BaseException as error:
+        _withdraw(client, name, version, before, error)
+        raise
     champion = version if decision.move else current
     return Registration(
         name, version, True, _aliases_of(client, name, version), champion, decision.move, decision.reason,
@@ -230,6 +253,39 @@ def _cell(value: str | None):
         return value
 
 
+def _remove_unfinished(client, name: str, lora_sha256: str) -> None:
+    """Delete the versions of this LoRA that a killed registration left tagged PENDING (so the LoRA is
+    registered anew, not reported as registered by a version without its aliases)."""
+    if not _model_exists(client, name):
+        return
+    for version in client.search_model_versions(f"name='{name}' and tags.lora_sha256='{lora_sha256}'"):
+        if PENDING in version.tags:
+            client.delete_model_version(name, version.version)
+            print(f"registry: deleted version {version.version} of '{name}': an interrupted registration left it unfinished", file=sys.stderr)
+
+
+def _withdraw(client, name: str, version: str, before: dict[str, str | None], error: BaseException) -> None:
+    """Undo a registration that failed after creating `version`: delete it and give the aliases it may
+    have taken back to their holders `before`. Raises a one-line RegistryError for an ordinary error."""
+    try:
+        client.delete_model_version(name, version)  # its aliases go with it
+        for alias, holder in before.items():
+            if holder is not None:
+                client.set_registered_model_alias(name, alias, holder)
+    except tracking_errors():
+        raise RegistryError(
+            f"registry: registering version {version} of '{name}' failed ({one_line_error(error)}) and so did deleting it: it stays tagged "
+            f"{PENDING}, and the next `collectionlora register` of this LoRA deletes it"
+        ) from error
+    if isinstance(error, Exception):
+        raise RegistryError(f"registry: registering version {version} of '{name}' failed ({one_line_error(error)}); the version was deleted, nothing is registered") from error
+
+
+def _alias_holder(client, name: str, alias: str) -> str | None:
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else str(version)
+
+
 def _version_with_lora(client, name: str, lora_sha256: str):
     if not _model_exists(client, name):
         return None
@@ -249,8 +305,7 @@ def _model_exists(client, name: str) -> bool:
 
 def _champion(client, name: str) -> str | None:
     """The version holding `champion` (MLflow returns versions as int or str depending on the store)."""
-    version = client.get_registered_model(name).aliases.get(CHAMPION)
-    return None if version is None else str(version)
+    return _alias_holder(client, name, CHAMPION)
 
 
 def _aliases_of(client, name: str, version: str) -> list[str]:
