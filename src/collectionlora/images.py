@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from collectionlora.errors import BankError
+from collectionlora.lorafile import atomic_write
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -31,8 +32,10 @@ def quantize(image: torch.Tensor) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
+    """Whole or absent (lorafile.atomic_write): a killed stage never leaves half a PNG to be read back."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(image))
+    data = encode_png(image)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def load_png(path: Path, size: int | None = None) -> torch.Tensor:

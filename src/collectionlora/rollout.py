@@ -38,6 +38,7 @@ from collectionlora.lorafile import (
     atomic_write,
     atomic_write_text,
     remove_temp_files,
+    replace_folder,
 )
 from collectionlora.models.backbone import Backbone
 from collectionlora.sampling import sample_teacher
@@ -259,8 +260,11 @@ def merge_rollouts(bank: Bank, parts: list[Path], out: Path) -> None:
     missing = [effect.id for effect in bank.effects if effect.id not in found]
     if missing:
         raise RolloutError(f"{out}: no rollouts for {', '.join(missing)} among the {len(parts)} parts")
-    for effect_id, part in found.items():
-        shutil.copytree(part / effect_id, out / effect_id, dirs_exist_ok=True)
+    for effect_id, part in found.items():  # each effect's folder whole or not at all, the index last
+        staging = out / f".{effect_id}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(part / effect_id, staging)
+        replace_folder(staging, out / effect_id)
     _write_combined_index(bank, out)
 
 

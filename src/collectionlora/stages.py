@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from collectionlora.adapters import NONE, AdapterSet
-from collectionlora.bank import open_bank, read_pair_folder
+from collectionlora.bank import Bank, open_bank, read_pair_folder
 from collectionlora.config import Params
 from collectionlora.effects import catalog
 from collectionlora.effects.base import stable_seed
@@ -23,12 +24,14 @@ from collectionlora.evaluate.judge import (
     train_judge,
 )
 from collectionlora.images import grid, save_png
+from collectionlora.lorafile import atomic_write_text
 from collectionlora.models.backbone import Backbone
 from collectionlora.rollout import generate_rollouts, select_effects
+from collectionlora.runlock import claim
 from collectionlora.sampling import sample_teacher
 from collectionlora.teachers import save_teacher, train_teacher
 from collectionlora.validate import run_validate
-from collectionlora.writable import check_output_folder
+from collectionlora.writable import check_output_file, check_output_folder
 
 __all__ = [
     "run_acceleration_train", "run_baselines", "run_distill", "run_evaluate", "run_judge_train", "run_preview", "run_register", "run_rollout",
@@ -42,6 +45,12 @@ def run_preview(params: Params, out: Path) -> Path:
     Ground truth exists for catalog effects only; a user's own effect shows source | teacher.
     """
     bank = open_bank(params.bank)
+    check_output_file(out)
+    with claim(out, "preview"):
+        return _preview(params, bank, Path(out))
+
+
+def _preview(params: Params, bank: Bank, out: Path) -> Path:
     backbone = Backbone.load(params.base, bank.base_dir)
     adapters = AdapterSet(backbone.transformer)
     sources = bank.load_eval_sources()[: params.demo.eval_images]
@@ -58,7 +67,6 @@ def run_preview(params: Params, out: Path) -> Path:
             row += [source, edited[i]] + ([truth[i]] if truth is not None else [])
         rows.append(row)
     adapters.activate(NONE)
-    out = Path(out)
     save_png(grid(rows, scale=params.demo.grid_scale), out)
     return out
 
@@ -66,8 +74,6 @@ def run_preview(params: Params, out: Path) -> Path:
 def run_rollout(params: Params, out: Path, effects: list[str] | None = None) -> dict:
     """Teacher targets for the bank's effects (or the named subset, one KFP task each), reusing every
     target already in `out`; returns the report (computed / cached per effect). See rollout.py."""
-    from collectionlora.runlock import claim
-
     bank = open_bank(params.bank)
     chosen = select_effects(bank, effects)  # an unknown id fails before anything is loaded or written
     check_output_folder(out)
@@ -81,12 +87,14 @@ def run_teacher_train(params: Params, pairs: Path, prompt: str, out: Path, base:
     if not prompt.strip():
         raise BankError(f"{pairs}: the teacher prompt is empty")
     sources, results = read_pair_folder(Path(pairs), params.bank.image_size)
-    backbone = Backbone.load(params.base, base)
-    adapters = AdapterSet(backbone.transformer)
-    weights, peft_config, _ = train_teacher(
-        backbone, adapters, sources, results, prompt, params.lora, params.sampling, Path(out).name
-    )
-    return save_teacher(weights, peft_config, Path(out), params.lora.save_dtype)
+    check_output_folder(out)
+    with claim(out, "teachers train"):
+        backbone = Backbone.load(params.base, base)
+        adapters = AdapterSet(backbone.transformer)
+        weights, peft_config, _ = train_teacher(
+            backbone, adapters, sources, results, prompt, params.lora, params.sampling, Path(out).name
+        )
+        return save_teacher(weights, peft_config, Path(out), params.lora.save_dtype)
 
 
 def run_judge_train(params: Params, out: Path) -> dict:
@@ -94,6 +102,12 @@ def run_judge_train(params: Params, out: Path) -> dict:
     truth for effects that come from the catalog. A user's own effects need nothing but their pairs.
     Writes the judge to `out` and returns its hold-out report (catalog effects only have one)."""
     bank = open_bank(params.bank)
+    check_output_folder(out)
+    with claim(out, "judge train"):
+        return _judge_train(params, bank, Path(out))
+
+
+def _judge_train(params: Params, bank: Bank, out: Path) -> dict:
     pairs = {effect.id: bank.load_pairs(effect) for effect in bank.effects}
     examples = examples_from_pairs(pairs)
     known = [effect_id for effect_id in pairs if effect_id in catalog()]
@@ -105,29 +119,26 @@ def run_judge_train(params: Params, out: Path) -> dict:
     report = {"effects": list(pairs), "catalog_effects": known}
     if known:
         report["holdout"] = holdout_report(judge, known, params.judge.holdout_per_effect, params.bank.image_size, params.judge.seed)
-    (Path(out) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "train_report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
 def run_acceleration_train(params: Params, out: Path) -> Path:
     """The bank's base and general stream -> its acceleration LoRA in `out`; see distill/acceleration.py."""
     from collectionlora.distill.acceleration import train_acceleration
-
     bank = open_bank(params.bank)
-    backbone = Backbone.load(params.base, bank.base_dir)
-    return train_acceleration(params, backbone, bank.load_general_sources(), bank.instructions, out)
+    check_output_folder(out)
+    with claim(out, "acceleration train"):
+        backbone = Backbone.load(params.base, bank.base_dir)
+        return train_acceleration(params, backbone, bank.load_general_sources(), bank.instructions, out)
 
 
 def run_distill(params: Params, rollouts: Path, out: Path, resume: bool = False, warm_start: Path | None = None) -> dict:
     """Distil the bank's teachers (from their rollouts) into one student LoRA; see distill/run.py.
     With `distill.processes` > 1 the run goes to that many torchrun workers (distill/launch.py).
     Rank 0 holds `out` (runlock.py): the only rank that writes it."""
-    from contextlib import nullcontext
-
     from collectionlora.distill import launch
     from collectionlora.distill.run import distill_collection
-    from collectionlora.runlock import claim
-
     check_output_folder(out)  # the rollouts, a checkpoint and a warm start are read before OUT is written (distill/run.py)
     writes = os.environ.get("RANK", "0") == "0"
     with claim(out, "distill") if writes else nullcontext():
@@ -142,7 +153,6 @@ def run_baselines(params: Params, rollouts: Path, student: Path, out: Path) -> d
     `out`; see evaluate/baselines.py."""
     from collectionlora.evaluate.baselines import anchor_lora, write_baselines
     from collectionlora.rollout import load_rollouts
-    from collectionlora.runlock import claim
     from collectionlora.upstream import student_prompts
 
     bank = open_bank(params.bank)
@@ -161,7 +171,6 @@ def run_evaluate(params: Params, collection: Path, baselines: Path | None, out: 
     `out`; returns metrics.json's content. See evaluate/run.py."""
     from collectionlora.distill.prompting import PromptPlan
     from collectionlora.evaluate.run import evaluate_collection
-    from collectionlora.runlock import claim
     from collectionlora.upstream import evaluated_baselines, trained_collection
 
     bank = open_bank(params.bank)  # the inputs first: a missing or stale one names the stage to run
@@ -177,10 +186,7 @@ def run_register(
 ) -> dict:
     """The evaluated collection as a new MLflow model version (alias `challenger`; `champion` by the
     gate-and-beat rule); returns registration.json's content. See registry/register.py."""
-    from contextlib import nullcontext
-
     from collectionlora.registry.register import register_collection
-    from collectionlora.runlock import claim
 
     with claim(out, "register") if out is not None else nullcontext():
         return register_collection(params, Path(collection), Path(evaluation), Path(manifest), out, require_pass, Path(repo)).to_json()

@@ -24,7 +24,7 @@ from collectionlora.effects.catalog import get_effect
 from collectionlora.effects.sources import make_sources
 from collectionlora.errors import JudgeFileError
 from collectionlora.images import quantize
-from collectionlora.lorafile import save_safetensors
+from collectionlora.lorafile import atomic_write, atomic_write_text, save_safetensors
 
 NONE = "none"
 WEIGHTS_FILE, META_FILE = "judge.safetensors", "judge.json"
@@ -210,9 +210,9 @@ class EffectJudge:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        save_safetensors(state, directory / WEIGHTS_FILE)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_safetensors(state, tmp))
         meta = {"format": FORMAT, "labels": self.labels, "architecture": {"width": self.width}}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")  # last: the judge is complete
 
     @classmethod
     def load(cls, directory: Path | str) -> EffectJudge:
