@@ -2,8 +2,9 @@
 
 Why: data parallelism over GPUs, or over the cores of a CPU machine where one process cannot keep its
 threads busy. `distill.batch_size` is the global batch, so the layout changes the speed, not what is
-trained. On CUDA each process takes one GPU. On the embedded tiny base 2 processes x 1 thread measured
-no faster than 1 x 2 threads (bench_distill.py, docs/results.md), so params.yaml keeps 1.
+trained. On CUDA each process takes one GPU. On the embedded tiny base the layouts are close and the
+measurements disagree (bench_distill.py: 2 x 1 thread no faster than 1 x 2; two demo runs: 2 x 1
+faster), see docs/results.md.
 
 The command the user typed (or DVC, or a KFP task) stays `collectionlora distill`: when
 `distill.processes` > 1 and this process is not already a torchrun worker, it starts the workers
