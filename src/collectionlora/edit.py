@@ -96,7 +96,6 @@ class CollectionEditor:
         self.adapters.add_teacher(COLLECTION_ADAPTER, lora)
         self.adapters.activate(COLLECTION_ADAPTER)
         self.sampling = sampling
-        self.trained_timesteps = [float(t) for t in self.record["timesteps"]]
 
     @property
     def effects(self) -> list[str]:
