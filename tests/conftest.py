@@ -132,6 +132,17 @@ def params_for_bank(params: Params, root: Path, manifest: str = "bank.yaml", **s
     return Params.model_validate(raw)
 
 
+def workflow_params_file(workflow: dict, folder: Path) -> Path:
+    """The tiny workflow's params as `folder`/params.yaml for CLI runs, logging to a store of their own."""
+    import yaml
+
+    params = params_for_bank(workflow["params"], workflow["root"], Path(workflow["params"].bank.manifest).name,
+                             tracking={"uri": f"sqlite:///{folder / 'mlflow.db'}"})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
 # ---- S3 on a loopback moto server -----------------------------------------------------------------
 # Dummy credentials with distinctive values, so a test can grep everything written for them.
 S3_CREDENTIALS = {

@@ -12,6 +12,7 @@ process (a process start costs ~5 s of imports); those marked `via: process` run
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -121,7 +122,9 @@ class Setup:
 
     def op_truncate(self, path: str, keep: float) -> None:
         """Cut the (last, for a glob) file to `keep` of its bytes: a copy that stopped half way."""
-        target = sorted(Path("/").glob(path.lstrip("/")))[-1]
+        matches = sorted(glob.glob(path))
+        assert matches, f"truncate: nothing matches {path}"
+        target = Path(matches[-1])
         data = target.read_bytes()
         target.write_bytes(data[: int(len(data) * keep)])
 

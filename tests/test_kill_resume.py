@@ -24,8 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import params_for_bank
+from conftest import workflow_params_file
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -46,12 +45,7 @@ landed: dict[str, list[str]] = {}  # stage -> where each kill landed (printed at
 @pytest.fixture(scope="module")
 def setup(tiny_workflow: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny workflow (the uninterrupted reference) and a params.yaml for the CLI runs, logging to a store of their own."""
-    work = tmp_path_factory.mktemp("kill_resume")
-    params = params_for_bank(tiny_workflow["params"], tiny_workflow["root"], Path(tiny_workflow["params"].bank.manifest).name,
-                             tracking={"uri": f"sqlite:///{work / 'mlflow.db'}"})
-    path = work / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    yield {**tiny_workflow, "params_file": path}
+    yield {**tiny_workflow, "params_file": workflow_params_file(tiny_workflow, tmp_path_factory.mktemp("kill_resume"))}
     for stage, kills in landed.items():
         print(f"\n{stage}: {len(kills)} kills tried: {'; '.join(kills)}")
 

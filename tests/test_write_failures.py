@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import params_for_bank
+from conftest import workflow_params_file
 
 from collectionlora.distill.checkpoint import list_checkpoints, load_checkpoint
 
@@ -43,12 +42,7 @@ needs_mounts = pytest.mark.skipif(UNSHARE is None, reason="no private mount name
 
 @pytest.fixture(scope="module")
 def params_file(tiny_workflow: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("write_failures")
-    params = params_for_bank(tiny_workflow["params"], tiny_workflow["root"], Path(tiny_workflow["params"].bank.manifest).name,
-                             tracking={"uri": f"sqlite:///{folder / 'mlflow.db'}"})
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return path
+    return workflow_params_file(tiny_workflow, tmp_path_factory.mktemp("write_failures"))
 
 
 def _environment() -> dict[str, str]:

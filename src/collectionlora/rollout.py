@@ -238,11 +238,10 @@ def _roll_effect(
 
 
 def _remove_stale(folder: Path, keys: set[str]) -> None:
-    """Targets no longer indexed (old teacher, removed pair, other settings) and temp files of killed runs."""
+    """Targets no longer indexed (old teacher, removed pair, other settings); temp files of killed runs
+    went at the start (remove_temp_files)."""
     for path in folder.iterdir():
-        stale_target = path.suffix == ".png" and not path.name.startswith(".") and path.stem not in keys
-        leftover = path.name.startswith(".") and ".tmp-" in path.name
-        if path.is_file() and (stale_target or leftover):
+        if path.is_file() and path.suffix == ".png" and not path.name.startswith(".") and path.stem not in keys:
             path.unlink()
 
 

@@ -178,7 +178,7 @@ def run_evaluate(params: Params, collection: Path, baselines: Path | None, out: 
     evaluated_baselines(params, baselines, bank, PromptPlan.from_json(record["prompts"]))
     check_output_folder(out)
     with claim(out, "evaluate"):
-        return evaluate_collection(params, Path(collection), baselines, Path(out), params_file)
+        return evaluate_collection(params, Path(collection), record, baselines, Path(out), params_file)
 
 
 def run_register(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from collectionlora.bank import open_bank
 from collectionlora.config import Params
-from collectionlora.distill.export import LORA_WEIGHTS, read_collection
+from collectionlora.distill.export import LORA_WEIGHTS
 from collectionlora.distill.prompting import PromptPlan
 from collectionlora.errors import CollectionLoraError
 from collectionlora.evaluate.evaluation import (
@@ -26,19 +26,18 @@ from collectionlora.models.backbone import Backbone
 SAMPLE_METHODS = ("teacher", "cascade", "student_8nfe")  # the columns of samples.png and bleeding.png
 
 
-def evaluate_collection(params: Params, collection: Path, baselines: Path | None, out: Path, params_file: Path = Path("params.yaml")) -> dict:
-    """Score every method of `evaluate.methods` on the bank's eval sources; writes `out` (see report.py)."""
+def evaluate_collection(
+    params: Params, collection: Path, record: dict, baselines: Path | None, out: Path, params_file: Path = Path("params.yaml")
+) -> dict:
+    """Score every method of `evaluate.methods` on the bank's eval sources; writes `out` (see report.py).
+    `record`: the collection's collection.json, checked against the bank (upstream.trained_collection)."""
     started = time.perf_counter()
     config = params.evaluate
     check_gate_methods(params, params_file)
     bank = open_bank(params.bank)
     if bank.judge is None:
         raise CollectionLoraError(f"{params.bank.manifest}: judge: the bank has no effect judge (train one with `collectionlora judge train`)")
-    record = read_collection(collection)
     plan = PromptPlan.from_json(record["prompts"])
-    missing = [e.id for e in bank.effects if e.id not in {p.effect for p in plan.effects}]
-    if missing:
-        raise CollectionLoraError(f"{Path(collection) / 'collection.json'}: prompts.effects: the collection lacks the bank's effects {missing}")
     plugins = load_plugins(params.eval_plugins)
     judge = EffectJudge.load(bank.judge)
     cases = make_cases(bank, config)
